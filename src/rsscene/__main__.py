@@ -1,0 +1,5 @@
+import sys
+
+from rsscene.cli import main
+
+sys.exit(main())

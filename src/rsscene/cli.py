@@ -1,0 +1,441 @@
+"""The ``rsscene`` command line: argument parsing only, one function per subcommand.
+
+Each ``cmd_*`` function turns parsed arguments into a call to the library; a user's
+mistake (:class:`rsscene.errors.UserError`) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rsscene import __version__
+from rsscene.errors import UserError
+from rsscene.models import MODELS, VARIANTS
+
+
+def comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+# --------------------------------------------------------------------------- info
+def add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="the ResNet family: blocks, output sizes, parameters, GFLOPs")
+    p.add_argument("arch", nargs="?", choices=list(MODELS), help="one architecture (default: all)")
+    p.add_argument("--variant", choices=VARIANTS, default="v1.5")
+    p.add_argument("--num-classes", type=positive_int, default=1000)
+    p.add_argument("--img-size", type=positive_int, default=224)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rsscene.models.summary import format_table, summarize
+
+    if args.img_size < 32:
+        raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    archs = [args.arch] if args.arch else list(MODELS)
+    rows = [summarize(a, args.variant, args.num_classes, args.img_size) for a in archs]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(
+            f"ResNet {args.variant}, {args.img_size}x{args.img_size} input, "
+            f"{args.num_classes} classes (GFLOPs = multiply-adds)"
+        )
+        print(format_table(rows))
+    return 0
+
+
+# --------------------------------------------------------------------------- prepare
+def ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1, got {text}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="split a one-folder-per-class dataset into train/val/test",
+        description="Check every image, then split SRC/CLASS/* into DST/{train,val,test}/CLASS/* "
+        "(stratified, deterministic) with a manifest DST/split.json.",
+    )
+    p.add_argument("src", metavar="SRC", help="raw dataset: one folder per class")
+    p.add_argument("dst", metavar="DST", help="where to write train/, val/, test/, split.json")
+    p.add_argument("--classes", type=comma_list, help="comma-separated classes (default: all)")
+    p.add_argument("--train-per-class", type=positive_int, metavar="N", help="exact train count")
+    p.add_argument("--test-per-class", type=positive_int, metavar="N", help="exact test count")
+    p.add_argument("--val-per-class", type=positive_int, metavar="N", help="exact val count")
+    p.add_argument("--test-ratio", type=ratio, metavar="R", help="test share (default 0.1)")
+    p.add_argument(
+        "--val-ratio", type=ratio, default=0.0, metavar="R", help="val share (default 0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    p.add_argument("--mode", choices=["copy", "hardlink", "symlink"], default="copy")
+    p.add_argument("--force", action="store_true", help="replace a split prepare wrote in DST")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from rsscene.data.prepare import format_report, prepare
+
+    if args.train_per_class is not None and args.test_ratio is not None:
+        raise UserError("--test-ratio cannot be combined with --train-per-class/--test-per-class")
+    result = prepare(
+        args.src,
+        args.dst,
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        test_per_class=args.test_per_class,
+        val_per_class=args.val_per_class,
+        test_ratio=0.1 if args.test_ratio is None else args.test_ratio,
+        val_ratio=args.val_ratio,
+        seed=args.seed,
+        mode=args.mode,
+        force=args.force,
+        strict=args.strict,
+    )
+    print(format_report(result))
+    return 0
+
+
+# --------------------------------------------------------------------------- synth
+def add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="write built-in aerial scenes (one folder per class)")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--per-class", type=positive_int, default=100, metavar="N")
+    p.add_argument("--size", type=positive_int, default=128, metavar="PX")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classes", type=comma_list, help="subset of the built-in classes")
+    p.add_argument("--format", choices=["png", "jpg"], default="png")
+    p.set_defaults(func=cmd_synth)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from rsscene.data.synthetic import CLASSES, generate
+
+    try:
+        counts = generate(
+            args.dst,
+            args.per_class,
+            args.size,
+            args.seed,
+            classes=args.classes or CLASSES,
+            fmt=args.format,
+        )
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(
+        f"wrote {sum(counts.values())} scenes ({', '.join(f'{c} {n}' for c, n in counts.items())})"
+        f" to {args.dst}"
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- train
+def two_floats(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text}") from None
+    return lo, hi
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a ResNet on DATA/train, evaluating on DATA/test every epoch",
+        description="Train with rsscene's default recipe (or --tutorial's). Settings not given"
+        " are chosen for the device; a --config file (YAML/TOML, same names) sets defaults that"
+        " flags override.",
+    )
+    # Every default is None so that only flags actually given override the config file.
+    arg = p.add_argument
+    bool_flag = argparse.BooleanOptionalAction
+    arg("data", nargs="?", metavar="DATA", help="split folder with train/ and test/ (or val/)")
+    arg("--config", metavar="FILE", help="YAML or TOML file of settings")
+    arg(
+        "--tutorial",
+        action="store_true",
+        default=None,
+        help="the tutorial's recipe: Resize 224, flip, Adam 5e-4, batch 32, 30 epochs, float32",
+    )
+    arg("--arch", choices=list(MODELS))
+    arg("--variant", choices=VARIANTS)
+    arg("--epochs", type=positive_int)
+    arg("--batch-size", type=positive_int, help="per process")
+    arg("--img-size", type=positive_int, help="training resolution")
+    arg("--eval-size", type=positive_int, help="test resolution")
+    arg("--optimizer", choices=["sgd", "adamw", "adam"])
+    arg("--lr", type=float, help="peak learning rate (default scales with the batch)")
+    arg("--momentum", type=float)
+    arg("--weight-decay", type=float)
+    arg("--wd-norm-bias", action=bool_flag, help="weight decay on norm and bias too")
+    arg("--schedule", choices=["onecycle", "cosine", "constant"])
+    arg("--warmup-epochs", type=float)
+    arg("--label-smoothing", type=float)
+    arg("--augment", choices=["dihedral", "hflip", "none"])
+    arg("--crop-scale", type=two_floats, metavar="MIN,MAX", help="random resized crop area")
+    arg("--jitter", type=float, help="colour jitter strength")
+    arg("--mixup", type=float, help="mixup alpha (0 = off)")
+    arg("--cutmix", type=float, help="cutmix alpha (0 = off)")
+    arg("--normalize", action=bool_flag, help="standardise inputs by ImageNet mean/std")
+    arg("--zero-init-residual", action=bool_flag)
+    arg("--ema", type=float, metavar="DECAY", help="EMA of weights (0 = off)")
+    arg("--seed", type=int)
+    arg("--workers", type=int, help="decoding processes")
+    arg("--device", help="auto, cpu, cuda, cuda:N or mps")
+    arg("--cache", choices=["auto", "memory", "disk", "none"], help="decoded image store")
+    arg("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    arg("--channels-last", action=bool_flag)
+    arg("--compile", action=bool_flag, help="torch.compile the model")
+    arg("--deterministic", action=bool_flag, help="deterministic algorithms (slower)")
+    arg("--max-grad-norm", type=float, help="clip gradients to this norm")
+    arg("--weights", metavar="PATH", help="start from a torchvision .pth or rsscene checkpoint")
+    arg(
+        "--pretrained",
+        action="store_true",
+        default=None,
+        help="start from torchvision's ImageNet weights (from its cache)",
+    )
+    arg("--freeze-backbone", action="store_true", default=None, help="train the classifier only")
+    arg("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
+    arg("--strict", action="store_true", default=None, help="fail on any unreadable image")
+    arg("--out", metavar="DIR", help="run folder (default runs/ARCH-TIMESTAMP)")
+    arg("--resume", metavar="RUN", help="continue the run in this folder (or its last.pt)")
+    arg(
+        "--weights-only",
+        action="store_true",
+        help="with --resume: start a new run from the checkpoint's weights only",
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rsscene import config
+    from rsscene.engine.train import Interrupted, resume_config, train
+
+    given = {k: v for k, v in vars(args).items() if k in config.field_names() and v is not None}
+    if args.resume and args.weights_only:
+        given.setdefault("weights", args.resume)
+        resume = None
+    else:
+        resume = args.resume
+    if resume:
+        cfg = resume_config(resume, given)
+    else:
+        if not given.get("data") and not args.config:
+            raise UserError("DATA is required (a folder with train/ and test/), or --resume RUN")
+        cfg = config.build(given, args.config)
+        if not cfg.data:
+            raise UserError("DATA is required (a folder with train/ and test/)")
+    try:
+        train(cfg, resume=resume)
+    except Interrupted as e:
+        print(str(e), file=sys.stderr)
+        return 128 + e.signum
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluate
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument("data", metavar="DATA", help="a split folder (its test part) or class folders")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="write report.json, confusion.*, "
+        "misclassified.csv here (default: beside the checkpoint, eval-DATA)",
+    )
+    p.add_argument("--tta", action="store_true", help="also report 8-way flip/rotation TTA")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rsscene.engine.evaluate import evaluate_checkpoint
+    from rsscene.engine.train import select_device
+
+    ckpt = Path(args.checkpoint)
+    out = args.output or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{Path(args.data).name}"
+    report = evaluate_checkpoint(
+        ckpt,
+        args.data,
+        out=out,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        device=str(select_device(args.device)),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for path, reason in ((s["file"], s["reason"]) for s in report["skipped"]):
+        print(f"skipped {path}: {reason}")
+    width = max(len(c) for c in report["classes"])
+    print(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, m in report["per_class"].items():
+        print(
+            f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}"
+            f"  {m['support']:7d}"
+        )
+    macro = report["macro"]
+    print(
+        f"{'macro':<{width}}  {macro['precision']:9.3f}  {macro['recall']:6.3f}"
+        f"  {macro['f1']:5.3f}  {report['images']:7d}"
+    )
+    line = f"accuracy {report['accuracy']:.4f}  top5 {report['top5']:.4f}"
+    if "tta_accuracy" in report:
+        line += f"  tta_accuracy {report['tta_accuracy']:.4f}"
+    print(f"{line}  ({report['images']} images; skipped {len(report['skipped'])})")
+    print(f"reports written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="class names and probabilities for images or folders")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images or folders (recursive)")
+    p.add_argument("--topk", type=positive_int, default=3)
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--output", "-o", metavar="FILE", help="write .csv or .json")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    from pathlib import Path
+
+    from rsscene.engine.train import select_device
+    from rsscene.inference import Predictor, collect_images
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--output {out}: use a .csv or .json file name")
+    files, problems = collect_images(args.paths)
+    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    results, errors = predictor.predict_files(files, args.topk, args.tta, args.batch_size)
+    errors = problems + errors
+    if errors and args.strict:
+        raise UserError("unreadable: " + "; ".join(f"{f}: {r}" for f, r in errors))
+    width = max([len(r.source) for r in results] + [4])
+    for r in results:
+        tops = "  ".join(f"{c} {p:.3f}" for c, p in r.top)
+        print(f"{r.source:<{width}}  {tops}")
+    for f, reason in errors:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+    print(f"predicted {len(results)} image(s), skipped {len(errors)}", file=sys.stderr)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix.lower() == ".json":
+            out.write_text(
+                json.dumps(
+                    {
+                        "predictions": [r.as_dict() for r in results],
+                        "skipped": [{"file": f, "reason": r} for f, r in errors],
+                    },
+                    indent=2,
+                )
+                + "\n"
+            )
+        else:
+            with out.open("w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(
+                    [
+                        "file",
+                        *[h for i in range(1, args.topk + 1) for h in (f"class{i}", f"prob{i}")],
+                    ]
+                )
+                for r in results:
+                    writer.writerow([r.source, *[v for c, p in r.top for v in (c, f"{p:.6f}")]])
+        print(f"wrote {out}", file=sys.stderr)
+    return 0 if results or not errors else 2
+
+
+# --------------------------------------------------------------------------- demo
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole pipeline on built-in scenes, no download")
+    p.add_argument("--out", default="rsscene-demo", metavar="DIR")
+    p.add_argument("--per-class", type=positive_int, default=None, metavar="N")
+    p.add_argument("--epochs", type=positive_int, default=None)
+    p.add_argument("--img-size", type=positive_int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rsscene.demo import run_demo
+
+    run_demo(
+        args.out,
+        per_class=args.per_class,
+        epochs=args.epochs,
+        img_size=args.img_size,
+        device=args.device,
+        force=args.force,
+    )
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+COMMANDS = [add_info, add_synth, add_prepare, add_train, add_evaluate, add_predict, add_demo]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rsscene",
+        description="Train, evaluate and serve ResNet classifiers for remote-sensing scenes.",
+    )
+    parser.add_argument("--version", action="version", version=f"rsscene {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show a traceback for any error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"rsscene {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"rsscene {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

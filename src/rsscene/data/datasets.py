@@ -1,0 +1,398 @@
+"""ImageFolder-style splits, the decoded cache and the batch loader.
+
+A split folder holds ``train/CLASS/*`` and one of ``test``, ``val``, ``valid``,
+``validation``. Class names and their order come from ``train`` (sorted, as torchvision's
+``ImageFolder`` does). Images are decoded once into a uint8 store (``--cache memory`` or a
+memory-mapped file with ``--cache disk``) or decoded per batch (``--cache none``); both
+yield the same pixels, through :func:`rsscene.data.images.load_tensor`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from rsscene.data.images import ImageError, is_image_file, load_tensor
+from rsscene.errors import UserError
+
+log = logging.getLogger("rsscene")
+
+EVAL_FOLDERS = ("test", "val", "valid", "validation")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+# The memory cache is chosen by "auto" while it needs less than this share of free RAM.
+MEMORY_SHARE = 0.25
+
+
+@dataclass
+class ImageList:
+    """Files and their labels under one folder of class sub-folders."""
+
+    root: Path
+    classes: list[str]
+    paths: list[Path]
+    labels: list[int]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(
+            np.asarray(self.labels, dtype=np.int64), minlength=len(self.classes)
+        ).tolist()
+
+
+def list_classes(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{folder}: no class folders inside (expected {folder}/CLASS/image.jpg)")
+    return classes
+
+
+def list_images(folder: str | Path, classes: list[str] | None = None) -> ImageList:
+    """Image files under ``folder/CLASS/`` (recursively), sorted; ``classes`` fixes the order."""
+    folder = Path(folder)
+    found = list_classes(folder)
+    if classes is None:
+        classes = found
+    elif set(found) - set(classes):
+        raise UserError(
+            f"{folder}: classes {sorted(set(found) - set(classes))} are not among the training"
+            f" classes {classes}"
+        )
+    paths, labels, skipped = [], [], []
+    for label, name in enumerate(classes):
+        class_dir = folder / name
+        if not class_dir.is_dir():
+            continue
+        for p in sorted(class_dir.rglob("*")):
+            if p.name.startswith(".") or p.is_dir():
+                continue
+            if is_image_file(p):
+                paths.append(p)
+                labels.append(label)
+            else:
+                skipped.append((str(p), "not an image file extension"))
+    if not paths:
+        raise UserError(f"{folder}: no images found in its class folders")
+    return ImageList(folder, list(classes), paths, labels, skipped)
+
+
+@dataclass
+class Split:
+    """A prepared dataset: training images and the held-out images evaluated after each epoch."""
+
+    root: Path
+    classes: list[str]
+    train: ImageList
+    test: ImageList
+    val: ImageList | None = None
+
+    @property
+    def select(self) -> ImageList:
+        """The images ``best.pt`` is chosen on: ``val`` when it exists, else ``test``."""
+        return self.val if self.val is not None else self.test
+
+
+def find_eval_folder(root: Path) -> Path:
+    for name in EVAL_FOLDERS:
+        if (root / name).is_dir():
+            return root / name
+    raise UserError(f"{root}: no test folder (looked for {', '.join(EVAL_FOLDERS)})")
+
+
+def open_split(root: str | Path) -> Split:
+    """``DATA/train`` plus ``DATA/test`` (or val/valid/validation); ``DATA/val`` as well when
+    both ``test`` and ``val`` exist (as ``prepare --val-ratio`` writes)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder")
+    if not (root / "train").is_dir():
+        raise UserError(f"{root}: no train folder (expected {root}/train/CLASS/...)")
+    train = list_images(root / "train")
+    test = list_images(find_eval_folder(root), train.classes)
+    val = None
+    if (root / "test").is_dir() and (root / "val").is_dir():
+        val = list_images(root / "val", train.classes)
+    return Split(root, train.classes, train, test, val)
+
+
+# --------------------------------------------------------------------------- pixel sources
+class DecodedImages(Dataset):
+    """Decodes and resizes one image per item; a file that fails is replaced, not fatal.
+
+    A corrupt file (for instance one changed after ``prepare``) is logged and replaced by the
+    next image of the same class, so an epoch never dies of one bad file. With
+    ``strict=True`` it raises instead.
+    """
+
+    def __init__(self, images: ImageList, size: int, strict: bool = False) -> None:
+        self.images = images
+        self.size = size
+        self.strict = strict
+        labels = np.asarray(images.labels)
+        self._by_class = [np.flatnonzero(labels == c) for c in range(len(images.classes))]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        """Returns (uint8 image, label, index actually used)."""
+        label = self.images.labels[index]
+        candidates = self._by_class[label]
+        start = int(np.searchsorted(candidates, index))
+        for step in range(len(candidates)):
+            i = int(candidates[(start + step) % len(candidates)])
+            try:
+                return load_tensor(self.images.paths[i], self.size), label, i
+            except ImageError as e:
+                if self.strict:
+                    raise
+                log.warning(
+                    "skipped %s (replaced by another %s image)", e, self.images.classes[label]
+                )
+        raise UserError(f"no readable image left in class {self.images.classes[label]!r}")
+
+
+def _cache_key(images: ImageList, size: int) -> str:
+    h = hashlib.sha256(f"rsscene-cache-v1:{size}".encode())
+    for p in images.paths:
+        st = p.stat()
+        h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def _cache_dir(images: ImageList) -> Path:
+    local = images.root.parent / ".rsscene-cache"
+    try:
+        local.mkdir(exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rsscene"
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def resolve_cache_mode(mode: str, n_images: int, size: int) -> str:
+    if mode not in CACHE_MODES:
+        raise UserError(f"unknown cache mode {mode!r}; choose one of {', '.join(CACHE_MODES)}")
+    if mode != "auto":
+        return mode
+    need = n_images * 3 * size * size
+    return "memory" if need < MEMORY_SHARE * _available_memory() else "disk"
+
+
+class DecodedCache:
+    """Every image of an :class:`ImageList` decoded once into a uint8 ``N x 3 x S x S`` store.
+
+    ``mode="disk"`` keeps the store in a memory-mapped file beside the data (or in
+    ``~/.cache/rsscene`` when that folder is read-only), named by a key over every file's
+    path, size and mtime and the image size, so a changed file or size builds a new one.
+    Files that cannot be decoded are left out and listed in ``skipped``.
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        size: int,
+        mode: str = "memory",
+        workers: int = 0,
+        strict: bool = False,
+        progress: bool = False,
+    ) -> None:
+        self.size = size
+        self.classes = images.classes
+        self.skipped: list[tuple[str, str]] = []
+        n = len(images)
+        if mode == "disk":
+            key = _cache_key(images, size)
+            base = _cache_dir(images) / f"{images.root.name}-{size}-{key}"
+            data_file, index_file = base.with_suffix(".u8"), base.with_suffix(".json")
+            if index_file.is_file() and data_file.is_file():
+                meta = json.loads(index_file.read_text())
+                self._open(data_file, n, meta, images)
+                return
+            store = np.lib.format.open_memmap(
+                str(data_file) + ".tmp", mode="w+", dtype=np.uint8, shape=(n, 3, size, size)
+            )
+            ok = self._fill(torch.from_numpy(store), images, workers, strict, progress)
+            store.flush()
+            del store
+            os.replace(str(data_file) + ".tmp", data_file)
+            meta = {"ok": ok, "skipped": self.skipped}
+            tmp = index_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, index_file)
+            self._open(data_file, n, meta, images)
+        else:
+            store = torch.empty((n, 3, size, size), dtype=torch.uint8)
+            ok = self._fill(store, images, workers, strict, progress)
+            keep = torch.tensor(ok, dtype=torch.bool)
+            self.images = store if keep.all() else store[keep]
+            self.labels = torch.tensor(images.labels)[keep]
+            self.paths = [p for p, k in zip(images.paths, ok, strict=True) if k]
+
+    def _open(self, data_file: Path, n: int, meta: dict, images: ImageList) -> None:
+        store = np.load(data_file, mmap_mode="r")
+        ok = np.asarray(meta["ok"], dtype=bool)
+        self.skipped = [tuple(s) for s in meta["skipped"]]
+        rows = np.flatnonzero(ok)
+        # A memory map is read lazily; indexing rows below keeps it that way.
+        self.images = (
+            torch.from_numpy(np.asarray(store)) if ok.all() else torch.from_numpy(store[rows])
+        )
+        self.labels = torch.tensor(images.labels)[torch.from_numpy(ok)]
+        self.paths = [images.paths[i] for i in rows]
+
+    def _fill(
+        self, store: torch.Tensor, images: ImageList, workers: int, strict: bool, progress: bool
+    ) -> list[bool]:
+        ok = [True] * len(images)
+        loader = DataLoader(
+            _StrictDecode(images, self.size),
+            batch_size=None,
+            num_workers=workers,
+        )
+        for i, item in enumerate(tqdm(loader, desc="decoding", disable=not progress, leave=False)):
+            if isinstance(item, str):
+                if strict:
+                    raise ImageError(str(images.paths[i]), item)
+                ok[i] = False
+                self.skipped.append((str(images.paths[i]), item))
+            else:
+                store[i] = item
+        for path, reason in self.skipped:
+            log.warning("skipped %s: %s", path, reason)
+        return ok
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device) -> DecodedCache:
+        self.images = self.images.to(device)
+        self.labels = self.labels.to(device)
+        return self
+
+
+class _StrictDecode(Dataset):
+    def __init__(self, images: ImageList, size: int) -> None:
+        self.images, self.size = images, size
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor | str:
+        try:
+            return load_tensor(self.images.paths[i], self.size)
+        except ImageError as e:
+            return e.reason
+
+
+# --------------------------------------------------------------------------- batches
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 B x 3 x S x S
+    labels: torch.Tensor
+    index: torch.Tensor  # rows of the source, for reporting which files were predicted
+
+
+class BatchLoader:
+    """Batches of uint8 images from a cache (indexing) or from files (DataLoader workers).
+
+    The order is given from outside (a permutation or ``range``), so the two sources yield
+    the same batches for the same seed.
+    """
+
+    def __init__(
+        self,
+        images: ImageList,
+        size: int,
+        cache: str = "auto",
+        workers: int = 0,
+        device: torch.device | str = "cpu",
+        strict: bool = False,
+    ) -> None:
+        self.size = size
+        self.device = torch.device(device)
+        self.workers = workers
+        self.mode = resolve_cache_mode(cache, len(images), size)
+        self.classes = images.classes
+        if self.mode == "none":
+            self.cache = None
+            self.source = DecodedImages(images, size, strict=strict)
+            self.labels = torch.tensor(images.labels)
+            self.paths = list(images.paths)
+            self.skipped = list(images.skipped)
+        else:
+            self.cache = DecodedCache(
+                images,
+                size,
+                self.mode,
+                workers=workers,
+                strict=strict,
+                progress=sys.stderr.isatty(),
+            )
+            if self.device.type == "cuda" and self.mode == "memory":
+                self.cache.to(self.device)
+            self.labels = self.cache.labels.cpu()
+            self.paths = self.cache.paths
+            self.skipped = list(images.skipped) + self.cache.skipped
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: list[list[int]]) -> Iterator[Batch]:
+        """Yield one :class:`Batch` per list of row indices, on ``self.device``."""
+        if self.cache is not None:
+            for rows in order:
+                idx = torch.as_tensor(rows, dtype=torch.long)
+                x = self.cache.images[idx.to(self.cache.images.device)]
+                y = self.cache.labels[idx.to(self.cache.labels.device)]
+                yield Batch(
+                    x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+                )
+            return
+        loader = DataLoader(
+            self.source,
+            batch_sampler=order,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y, idx in loader:
+            yield Batch(
+                x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
+            )
+
+
+def chunks(indices: list[int], size: int, drop_last: bool = False) -> list[list[int]]:
+    out = [indices[i : i + size] for i in range(0, len(indices), size)]
+    if drop_last and len(out) > 1 and len(out[-1]) < size:
+        out.pop()
+    return out

@@ -1,0 +1,145 @@
+"""Batch transforms on uint8 tensors: training augmentation, evaluation, test-time augmentation.
+
+Images arrive as uint8 batches ``B x 3 x S x S`` (from the decoded cache or from the
+per-image loader) and leave as normalised float batches, on whatever device they are on.
+Random resized crop, the eight flips/rotations of the square and scale jitter are folded
+into one affine warp per image, so a whole batch is augmented by a single ``grid_sample``
+call: cheap on a CPU and on a GPU alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ImageNet statistics: the convention torchvision weights expect, and a fine default for
+# aerial RGB from scratch.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# The dihedral group of the square as 2x2 matrices acting on (x, y): 4 rotations, then
+# the same after a horizontal flip. Index k matches :func:`dihedral`.
+_D4 = [
+    [[1, 0], [0, 1]],
+    [[0, 1], [-1, 0]],
+    [[-1, 0], [0, -1]],
+    [[0, -1], [1, 0]],
+    [[-1, 0], [0, 1]],
+    [[0, 1], [1, 0]],
+    [[1, 0], [0, -1]],
+    [[0, -1], [-1, 0]],
+]
+
+
+def normalize(x: Tensor, enabled: bool = True) -> Tensor:
+    """uint8 (or float in 0..255) → float in 0..1, then standardised by MEAN/STD if enabled."""
+    x = x.float().div_(255.0)
+    if not enabled:
+        return x
+    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """The k-th of the 8 flips/rotations of a batch ``B x C x H x W`` (k = 0 is identity)."""
+    if k >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, k % 4, dims=(-2, -1))
+
+
+def resize_batch(x: Tensor, size: int) -> Tensor:
+    """Antialiased resize of a float batch to ``size`` x ``size`` (no-op when already there)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@dataclass
+class Augment:
+    """Per-image random augmentation for a training batch.
+
+    ``scale`` and ``ratio`` are RandomResizedCrop's (area fraction and aspect range of the
+    crop); ``dihedral`` draws one of the 8 flips/rotations, ``hflip`` only a horizontal
+    flip (the tutorial's); ``jitter`` is the strength of brightness/contrast/saturation jitter.
+    """
+
+    size: int
+    scale: tuple[float, float] = (0.25, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    dihedral: bool = True
+    hflip: bool = False
+    jitter: float = 0.0
+    crop: bool = True
+    normalize: bool = True
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        b = x.shape[0]
+        dev = x.device
+        x = x.float()
+        if self.crop or self.dihedral or self.hflip:
+            theta = self._affine(b, generator).to(dev)
+            grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
+            # Only downsample with antialiasing first when the warp would skip pixels.
+            if x.shape[-1] > 2 * self.size:
+                x = resize_batch(x, 2 * self.size)
+            x = F.grid_sample(
+                x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+            )
+        else:
+            x = resize_batch(x, self.size)
+        if self.jitter > 0:
+            x = self._jitter(x, generator)
+        return normalize(x.clamp_(0, 255), self.normalize)
+
+    def _affine(self, b: int, g: torch.Generator) -> Tensor:
+        def uniform(lo: float, hi: float) -> Tensor:
+            return lo + (hi - lo) * torch.rand(b, generator=g)
+
+        if self.crop:
+            area = uniform(*self.scale)
+            log_r = uniform(math.log(self.ratio[0]), math.log(self.ratio[1]))
+            aspect = torch.exp(log_r)
+            w = torch.sqrt(area * aspect).clamp(max=1.0)
+            h = torch.sqrt(area / aspect).clamp(max=1.0)
+        else:
+            w = h = torch.ones(b)
+        if self.dihedral:
+            k = torch.randint(0, 8, (b,), generator=g)
+        elif self.hflip:
+            k = torch.randint(0, 2, (b,), generator=g) * 4
+        else:
+            k = torch.zeros(b, dtype=torch.long)
+        d = torch.tensor(_D4, dtype=torch.float32)[k]  # B x 2 x 2
+        lin = d * torch.stack([w, h], 1).unsqueeze(1)  # D @ diag(w, h)
+        extent = lin.abs().sum(2)  # half-size of the sampled box along x and y
+        centre = (2 * torch.rand(b, 2, generator=g) - 1) * (1 - extent).clamp(min=0)
+        return torch.cat([lin, centre.unsqueeze(2)], 2)
+
+    def _jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
+        b = x.shape[0]
+        s = self.jitter
+
+        def factor() -> Tensor:
+            return (1 + s * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)).to(x.device)
+
+        x = x * factor()
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * factor() + mean
+        grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        return (x - grey) * factor() + grey
+
+
+def eval_batch(x: Tensor, size: int, normalize_input: bool = True) -> Tensor:
+    """The deterministic evaluation transform: resize to ``size``, scale, normalise."""
+    return normalize(resize_batch(x.float(), size), normalize_input)
+
+
+def tta_logits(model: torch.nn.Module, x: Tensor) -> Tensor:
+    """Log of the mean softmax over the 8 flips/rotations of a prepared batch."""
+    probs = torch.stack([model(dihedral(x, k)).float().softmax(1) for k in range(8)])
+    return probs.mean(0).log()

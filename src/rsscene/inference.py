@@ -1,0 +1,108 @@
+"""Predict class names for image files or bytes with a trained checkpoint.
+
+:class:`Predictor` loads a checkpoint once and applies exactly the preprocessing the run
+was evaluated with (size, normalisation), so ``predict``, ``cam``, ``export`` and the
+server all agree with ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rsscene import checkpoint
+from rsscene.data.images import ImageError, is_image_file, load_tensor
+from rsscene.data.transforms import eval_batch, tta_logits
+
+
+@dataclass
+class Prediction:
+    source: str
+    top: list[tuple[str, float]]  # (class name, probability), most likely first
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.source,
+            "top": [{"class": c, "probability": round(p, 6)} for c, p in self.top],
+        }
+
+
+def collect_images(paths: list[str | Path]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files named directly, plus image files found recursively in named folders."""
+    found: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found += sorted(
+                q
+                for q in p.rglob("*")
+                if q.is_file() and is_image_file(q) and not q.name.startswith(".")
+            )
+        elif p.exists():
+            found.append(p)
+        else:
+            problems.append((str(p), "no such file or folder"))
+    return found, problems
+
+
+class Predictor:
+    """A checkpoint's model with its preprocessing, ready for batches of images."""
+
+    def __init__(self, ckpt_path: str | Path, device: str = "cpu") -> None:
+        self.model, self.ckpt = checkpoint.load_model(ckpt_path)
+        self.classes: list[str] = list(self.ckpt["class_names"])
+        pre = self.ckpt.get("preprocess") or {}
+        self.size: int = int(pre.get("size") or self.ckpt.get("config", {}).get("eval_size") or 224)
+        self.normalize: bool = pre.get("mean", True) is not None
+        self.device = torch.device(device)
+        self.model.to(self.device)
+
+    @property
+    def arch(self) -> str:
+        return self.ckpt["arch"]
+
+    def prepare(self, images: list[Tensor]) -> Tensor:
+        """uint8 ``3 x size x size`` images → the normalised float batch the model expects."""
+        return eval_batch(torch.stack(images).to(self.device), self.size, self.normalize)
+
+    @torch.inference_mode()
+    def probabilities(self, images: list[Tensor], tta: bool = False) -> Tensor:
+        x = self.prepare(images)
+        logits = tta_logits(self.model, x) if tta else self.model(x)
+        return logits.float().softmax(1).cpu()
+
+    def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:
+        return load_tensor(source, self.size, name=name)
+
+    def top(self, probs: Tensor, k: int) -> list[list[tuple[str, float]]]:
+        values, idx = probs.topk(min(k, len(self.classes)), dim=1)
+        return [
+            [(self.classes[i], float(v)) for v, i in zip(vs.tolist(), ids.tolist(), strict=True)]
+            for vs, ids in zip(values, idx, strict=True)
+        ]
+
+    def predict_files(
+        self, paths: list[Path], topk: int = 5, tta: bool = False, batch_size: int = 64
+    ) -> tuple[list[Prediction], list[tuple[str, str]]]:
+        """Predictions for every readable file; the others come back as (file, reason)."""
+        results: list[Prediction] = []
+        errors: list[tuple[str, str]] = []
+        for start in range(0, len(paths), batch_size):
+            names, images = [], []
+            for p in paths[start : start + batch_size]:
+                try:
+                    images.append(self.load(p))
+                    names.append(str(p))
+                except ImageError as e:
+                    errors.append((str(p), e.reason))
+            if images:
+                probs = self.probabilities(images, tta=tta)
+                results += [
+                    Prediction(n, t) for n, t in zip(names, self.top(probs, topk), strict=True)
+                ]
+        return results, errors

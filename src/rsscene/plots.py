@@ -1,0 +1,67 @@
+"""Figures: training curves and the confusion-matrix heat map."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
+    """Loss and accuracy per epoch, train and test, side by side."""
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("test_loss", "test")):
+        ax_loss.plot(epochs, [h[key] for h in history], marker=".", label=label)
+    for key, label in (("train_acc", "train"), ("test_acc", "test")):
+        ax_acc.plot(epochs, [100 * h[key] for h in history], marker=".", label=label)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion(
+    matrix: Sequence[Sequence[int]],
+    classes: Sequence[str],
+    path: str | Path,
+    title: str = "Confusion matrix",
+) -> Path:
+    """A labelled heat map: counts in each cell, colour by row-normalised recall."""
+    cm = np.asarray(matrix, dtype=np.int64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(classes)
+    side = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right")
+    ax.set_yticks(range(n), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(
+                    j,
+                    i,
+                    str(cm[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
