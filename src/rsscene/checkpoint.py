@@ -13,8 +13,8 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,9 @@ def save(payload: dict[str, Any], path: str | Path) -> Path:
         payload["sha256"] = weights_digest(payload["model"])
     buffer = io.BytesIO()
     torch.save(payload, buffer)
+    # A process killed mid-save leaves its temp file; the next save of the same name removes it.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -86,13 +89,27 @@ def read(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        # torch names the global a crafted file asks for; any other refusal is plain damage.
+        unsafe = re.search(r"GLOBAL (\S+)", str(e))
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: refused as unsafe: it asks for {unsafe.group(1)}, which weights-only"
+                " loading does not allow; such a file may run code when unpickled, so it is"
+                " not loaded"
+            ) from None
         raise CheckpointError(
-            f"{path}: refused: the file holds objects that weights-only loading does not allow"
-            f" ({first[:200]}); it may run code when unpickled, so it is not loaded"
+            f"{path}: not a readable checkpoint, corrupt or not a checkpoint at all"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e)[:200]})") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    except Exception as e:
+        # A damaged zip or pickle fails anywhere inside torch.load (KeyError, IndexError,
+        # TypeError, UnicodeDecodeError...): all of them mean the file is unusable.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, corrupt or truncated"
+            f" ({type(e).__name__}: {detail[:200]})"
+        ) from None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -112,11 +129,17 @@ def load(path: str | Path) -> dict[str, Any]:
     ckpt = read(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
-            f"{path}: not an rsscene checkpoint (for plain torchvision weights use --weights)"
+            f"{path}: not an rsscene checkpoint (plain torchvision weights can only start a"
+            " training run: rsscene train --weights FILE)"
         )
     for key in ("model", "arch", "class_names"):
         if key not in ckpt:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    model, names = ckpt["model"], ckpt["class_names"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state_dict of tensors")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{path}: its 'class_names' entry is not a list of names")
     if ckpt.get("sha256") and weights_digest(ckpt["model"]) != ckpt["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch: the weights are corrupt")
     return ckpt
@@ -126,9 +149,12 @@ def build_model(ckpt: dict[str, Any]) -> nn.Module:
     """The model a checkpoint describes, with its weights loaded, in eval mode."""
     from rsscene.models import create_model
 
-    model = create_model(
-        ckpt["arch"], num_classes=len(ckpt["class_names"]), variant=ckpt.get("variant", "v1.5")
-    )
+    try:
+        model = create_model(
+            ckpt["arch"], num_classes=len(ckpt["class_names"]), variant=ckpt.get("variant", "v1.5")
+        )
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"checkpoint describes no model rsscene can build: {e}") from None
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from rsscene import __version__
 from rsscene.errors import UserError
@@ -219,6 +220,11 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     arg("--out", metavar="DIR", help="run folder (default runs/ARCH-TIMESTAMP)")
     arg("--resume", metavar="RUN", help="continue the run in this folder (or its last.pt)")
     arg(
+        "--auto-resume",
+        action="store_true",
+        help="continue from --out's last.pt if there is one, else start (for torchrun restarts)",
+    )
+    arg(
         "--weights-only",
         action="store_true",
         help="with --resume: start a new run from the checkpoint's weights only",
@@ -227,10 +233,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from rsscene import config
     from rsscene.engine.train import Interrupted, resume_config, train
 
     given = {k: v for k, v in vars(args).items() if k in config.field_names() and v is not None}
+    if args.auto_resume:
+        if args.resume or not args.out:
+            raise UserError("--auto-resume needs --out RUN (and no --resume)")
+        if (Path(args.out) / "last.pt").is_file():
+            args.resume = args.out
     if args.resume and args.weights_only:
         given.setdefault("weights", args.resume)
         resume = None
@@ -268,6 +281,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -286,6 +300,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tta=args.tta,
         batch_size=args.batch_size,
         device=str(select_device(args.device)),
+        strict=args.strict,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -342,6 +357,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     errors = problems + errors
     if errors and args.strict:
         raise UserError("unreadable: " + "; ".join(f"{f}: {r}" for f, r in errors))
+    if not results:
+        detail = "; ".join(f"{f}: {r}" for f, r in errors[:3]) or "no image files found"
+        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+        raise UserError(f"nothing to predict ({detail}{more})")
     width = max([len(r.source) for r in results] + [4])
     for r in results:
         tops = "  ".join(f"{c} {p:.3f}" for c, p in r.top)
@@ -374,7 +393,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 for r in results:
                     writer.writerow([r.source, *[v for c, p in r.top for v in (c, f"{p:.6f}")]])
         print(f"wrote {out}", file=sys.stderr)
-    return 0 if results or not errors else 2
+    return 0
 
 
 # --------------------------------------------------------------------------- demo
@@ -385,7 +404,6 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=positive_int, default=None)
     p.add_argument("--img-size", type=positive_int, default=None)
     p.add_argument("--device", default="auto")
-    p.add_argument("--force", action="store_true", help="replace an earlier demo in DIR")
     p.set_defaults(func=cmd_demo)
 
 
@@ -398,17 +416,202 @@ def cmd_demo(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         img_size=args.img_size,
         device=args.device,
-        force=args.force,
     )
     return 0
 
 
+# --------------------------------------------------------------------------- cam
+def add_cam(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cam", help="Grad-CAM overlays: where in each image the class was seen")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="write NAME_cam.png files here")
+    p.add_argument(
+        "--layer", default="layer4", help="dotted module name (default: layer4, the last stage)"
+    )
+    p.add_argument(
+        "--class", dest="class_name", metavar="NAME", help="explain this class, not the predicted"
+    )
+    p.add_argument(
+        "--tta",
+        choices=["no", "yes"],
+        default="no",
+        help="yes: class and probability from the 8 flips/rotations",
+    )
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_cam)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from rsscene.engine.train import select_device
+    from rsscene.explain import write_cams
+    from rsscene.inference import Predictor
+
+    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    written, errors = write_cams(
+        predictor, args.paths, args.out, args.class_name, args.layer, args.tta == "yes"
+    )
+    if not written:
+        detail = "; ".join(f"{f}: {r}" for f, r in errors[:3]) or "no image files found"
+        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+        raise UserError(f"nothing to explain ({detail}{more})")
+    for f, reason in errors:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+    print(f"wrote {len(written)} Grad-CAM figure(s) to {args.out}, skipped {len(errors)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write ONNX or TorchScript, checked against PyTorch",
+        description="The exported model takes float32 RGB in 0..1 (N x 3 x S x S) and returns"
+        " class probabilities: normalisation and softmax are inside it.",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument(
+        "--sample",
+        nargs="+",
+        metavar="PATH",
+        help="images or folders for the parity check (default: built-in scenes)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rsscene.export import OPSET, TOLERANCE, export
+    from rsscene.inference import Predictor
+
+    predictor = Predictor(args.checkpoint)
+    result = export(predictor, args.format, args.out, args.sample)
+    kind = f"onnx, opset {OPSET}" if args.format == "onnx" else "torchscript"
+    norm = "ImageNet mean/std normalisation inside" if predictor.normalize else "no normalisation"
+    size = predictor.size
+    print(
+        f"wrote {result.path} ({kind}): input 'image' float32 N x 3 x {size} x {size}, RGB in"
+        f" 0..1 ({norm}); output 'probabilities' over {len(predictor.classes)} classes"
+    )
+    verdict = "ok" if result.ok else "FAILED"
+    print(
+        f"parity with PyTorch on {result.samples} image(s): max abs diff"
+        f" {result.max_abs_diff:.2e} ({verdict}, tolerance {TOLERANCE:.0e})"
+    )
+    return 0 if result.ok else 1
+
+
+# --------------------------------------------------------------------------- serve
+def byte_size(text: str) -> int:
+    """``10MB``, ``512KB``, ``2MiB`` or a plain number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20}
+    number = text.strip().upper().rstrip("BGIKM")
+    unit = text.strip().upper()[len(number) :]
+    try:
+        value = int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 10MB, got {text}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+    return value
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="HTTP API and web page: predictions and Grad-CAM")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 exposes it"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-bytes", type=byte_size, default="10MB", metavar="SIZE", help="request body limit"
+    )
+    p.add_argument("--max-files", type=positive_int, default=16, help="images per request")
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument(
+        "--batch-wait-ms",
+        type=non_negative_float,
+        default=5.0,
+        help="how long requests wait to share a model call",
+    )
+    p.add_argument("--max-batch", type=positive_int, default=32, help="images per model call")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rsscene.engine.train import select_device
+
+    try:
+        import python_multipart  # noqa: F401 - fastapi needs it only when a form arrives
+        import uvicorn
+
+        from rsscene.serve.app import create_app
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"serving needs fastapi, uvicorn and python-multipart ({e.name} is missing):"
+            ' pip install "rsscene[serve]"'
+        ) from None
+    app = create_app(
+        args.checkpoint,
+        device=str(select_device(args.device)),
+        max_bytes=args.max_bytes,
+        max_files=args.max_files,
+        topk=args.topk,
+        batch_wait_ms=args.batch_wait_ms,
+        max_batch=args.max_batch,
+    )
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: --host {args.host} lets other machines reach this server;"
+            " it has no authentication",
+            file=sys.stderr,
+        )
+    predictor = app.state.predictor
+    print(
+        f"serving {args.checkpoint} ({predictor.arch}, {len(predictor.classes)} classes,"
+        f" {predictor.size} px) on http://{args.host}:{args.port}/",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
-COMMANDS = [add_info, add_synth, add_prepare, add_train, add_evaluate, add_predict, add_demo]
+COMMANDS = [
+    add_info,
+    add_synth,
+    add_prepare,
+    add_train,
+    add_evaluate,
+    add_predict,
+    add_demo,
+    add_cam,
+    add_export,
+    add_serve,
+]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line, like every other error; the usage is one --help away."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="rsscene",
         description="Train, evaluate and serve ResNet classifiers for remote-sensing scenes.",
     )
@@ -429,6 +632,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"rsscene {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # Disk full, permission denied, read-only disk: the machine's state, not a bug in
+        # rsscene. An OSError without errno is raised by code, so it keeps its traceback.
+        if args.debug or e.errno is None:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"rsscene {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

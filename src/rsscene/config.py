@@ -122,6 +122,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: cannot read config file ({e.strerror or e})") from None
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
+    except yaml.constructor.ConstructorError as e:
+        # safe_load builds no objects: a !!python/... tag is what a malicious file would use.
+        raise UserError(
+            f"{path}: refused: {e.problem}; a config file holds plain values, never Python objects"
+        ) from None
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {first}") from None

@@ -24,13 +24,13 @@ def run_demo(
     epochs: int | None = None,
     img_size: int | None = None,
     device: str = "auto",
-    force: bool = False,
 ) -> dict:
     """Run the whole pipeline in ``out`` and print where everything is; returns the report."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        if not force and not (out / "demo.done").exists():
-            raise UserError(f"{out} exists and is not an earlier demo; pass --out DIR or --force")
+        # Only a finished earlier demo is replaced: anything else in the folder may be the user's.
+        if not (out / "demo.done").exists():
+            raise UserError(f"{out} exists and is not an earlier demo; choose another --out DIR")
         shutil.rmtree(out)
     started = time.perf_counter()
     per_class = per_class or DEMO["per_class"]

@@ -9,6 +9,7 @@ yield the same pixels, through :func:`rsscene.data.images.load_tensor`.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -20,17 +21,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from rsscene.data.images import ImageError, is_image_file, load_tensor
+from rsscene.data.transforms import to_device
 from rsscene.errors import UserError
 
 log = logging.getLogger("rsscene")
 
 EVAL_FOLDERS = ("test", "val", "valid", "validation")
 CACHE_MODES = ("auto", "memory", "disk", "none")
-# The memory cache is chosen by "auto" while it needs less than this share of free RAM.
+# The memory cache is chosen by "auto" while it needs less than this share of free RAM, and
+# moved to the GPU while it needs less than this share of the GPU's free memory.
 MEMORY_SHARE = 0.25
 
 
@@ -150,7 +153,19 @@ class DecodedImages(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
-        """Returns (uint8 image, label, index actually used)."""
+        """Returns (uint8 image, label, index actually used); in a worker process, index -1
+        flags an error for :meth:`BatchLoader.batches` to raise in the main process."""
+        try:
+            return self._decode(index)
+        except UserError:
+            if get_worker_info() is None:
+                raise
+            # A DataLoader worker's exception reaches the main process as a RuntimeError with
+            # a traceback: a user's error would read as a crash.
+            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            return blank, self.images.labels[index], -1
+
+    def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
         label = self.images.labels[index]
         candidates = self._by_class[label]
         start = int(np.searchsorted(candidates, index))
@@ -168,7 +183,8 @@ class DecodedImages(Dataset):
 
 
 def _cache_key(images: ImageList, size: int) -> str:
-    h = hashlib.sha256(f"rsscene-cache-v1:{size}".encode())
+    # v2: readable images are packed at the front of the store, skipped ones leave no gap.
+    h = hashlib.sha256(f"rsscene-cache-v2:{size}".encode())
     for p in images.paths:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -213,8 +229,9 @@ class DecodedCache:
 
     ``mode="disk"`` keeps the store in a memory-mapped file beside the data (or in
     ``~/.cache/rsscene`` when that folder is read-only), named by a key over every file's
-    path, size and mtime and the image size, so a changed file or size builds a new one.
-    Files that cannot be decoded are left out and listed in ``skipped``.
+    path, size and mtime and the image size, so a changed file or size builds a new one
+    (and deletes the older build of that folder and size). Files that cannot be decoded are
+    left out and listed in ``skipped``.
     """
 
     def __init__(
@@ -231,53 +248,63 @@ class DecodedCache:
         self.skipped: list[tuple[str, str]] = []
         n = len(images)
         if mode == "disk":
-            key = _cache_key(images, size)
-            base = _cache_dir(images) / f"{images.root.name}-{size}-{key}"
-            data_file, index_file = base.with_suffix(".u8"), base.with_suffix(".json")
+            folder = _cache_dir(images)
+            # Named by folder and size, then by content: a newer build of the same folder and
+            # size replaces the older one instead of piling up beside it.
+            where = hashlib.sha256(str(images.root.absolute()).encode()).hexdigest()[:8]
+            prefix = f"{images.root.name}-{where}-{size}-"
+            name = prefix + _cache_key(images, size)
+            data_file, index_file = folder / f"{name}.u8", folder / f"{name}.json"
             if index_file.is_file() and data_file.is_file():
-                meta = json.loads(index_file.read_text())
-                self._open(data_file, n, meta, images)
+                self._open(data_file, json.loads(index_file.read_text()), images)
                 return
+            # Private temporary names: several processes (torchrun ranks) may build at once.
+            tmp = f".{os.getpid()}.tmp"
             store = np.lib.format.open_memmap(
-                str(data_file) + ".tmp", mode="w+", dtype=np.uint8, shape=(n, 3, size, size)
+                f"{data_file}{tmp}", mode="w+", dtype=np.uint8, shape=(n, 3, size, size)
             )
             ok = self._fill(torch.from_numpy(store), images, workers, strict, progress)
             store.flush()
             del store
-            os.replace(str(data_file) + ".tmp", data_file)
+            os.replace(f"{data_file}{tmp}", data_file)
             meta = {"ok": ok, "skipped": self.skipped}
-            tmp = index_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(meta))
-            os.replace(tmp, index_file)
-            self._open(data_file, n, meta, images)
+            Path(f"{index_file}{tmp}").write_text(json.dumps(meta))
+            os.replace(f"{index_file}{tmp}", index_file)
+            for old in folder.glob(f"{glob.escape(prefix)}*"):
+                if old.stem != name and not old.name.endswith(".tmp"):
+                    old.unlink(missing_ok=True)
+            self._open(data_file, meta, images)
         else:
             store = torch.empty((n, 3, size, size), dtype=torch.uint8)
             ok = self._fill(store, images, workers, strict, progress)
-            keep = torch.tensor(ok, dtype=torch.bool)
-            self.images = store if keep.all() else store[keep]
-            self.labels = torch.tensor(images.labels)[keep]
-            self.paths = [p for p, k in zip(images.paths, ok, strict=True) if k]
+            self._keep(store, ok, images)
 
-    def _open(self, data_file: Path, n: int, meta: dict, images: ImageList) -> None:
-        store = np.load(data_file, mmap_mode="r")
-        ok = np.asarray(meta["ok"], dtype=bool)
+    def _open(self, data_file: Path, meta: dict, images: ImageList) -> None:
+        # Copy-on-write: pages are read lazily and shared, and nothing can write to the file.
+        store = np.load(data_file, mmap_mode="c")
         self.skipped = [tuple(s) for s in meta["skipped"]]
-        rows = np.flatnonzero(ok)
-        # A memory map is read lazily; indexing rows below keeps it that way.
-        self.images = (
-            torch.from_numpy(np.asarray(store)) if ok.all() else torch.from_numpy(store[rows])
-        )
-        self.labels = torch.tensor(images.labels)[torch.from_numpy(ok)]
-        self.paths = [images.paths[i] for i in rows]
+        self._keep(torch.from_numpy(store), meta["ok"], images)
+
+    def _keep(self, store: torch.Tensor, ok: list[bool], images: ImageList) -> None:
+        """The readable images, packed at the front of ``store``: a view, never a copy."""
+        keep = torch.tensor(ok, dtype=torch.bool)
+        self.images = store[: int(keep.sum())]
+        self.labels = torch.tensor(images.labels)[keep]
+        self.paths = [p for p, k in zip(images.paths, ok, strict=True) if k]
 
     def _fill(
         self, store: torch.Tensor, images: ImageList, workers: int, strict: bool, progress: bool
     ) -> list[bool]:
+        """Decode every image into the next free row of ``store``; True for each one kept."""
         ok = [True] * len(images)
+        row = 0
         loader = DataLoader(
             _StrictDecode(images, self.size),
             batch_size=None,
             num_workers=workers,
+            # DataLoader seeds its workers from this generator, by default the global one:
+            # decoding must not shift the model's initialisation or any later random draw.
+            generator=torch.Generator(),
         )
         for i, item in enumerate(tqdm(loader, desc="decoding", disable=not progress, leave=False)):
             if isinstance(item, str):
@@ -286,7 +313,8 @@ class DecodedCache:
                 ok[i] = False
                 self.skipped.append((str(images.paths[i]), item))
             else:
-                store[i] = item
+                store[row] = item
+                row += 1
         for path, reason in self.skipped:
             log.warning("skipped %s: %s", path, reason)
         return ok
@@ -343,6 +371,7 @@ class BatchLoader:
         self.workers = workers
         self.mode = resolve_cache_mode(cache, len(images), size)
         self.classes = images.classes
+        self.replaced = 0  # samples decoded from another file because theirs was unreadable
         if self.mode == "none":
             self.cache = None
             self.source = DecodedImages(images, size, strict=strict)
@@ -358,8 +387,12 @@ class BatchLoader:
                 strict=strict,
                 progress=sys.stderr.isatty(),
             )
+            # "auto" judged host memory; on the GPU the cache must also leave room to train, or
+            # it stays on the host and batches are copied up.
             if self.device.type == "cuda" and self.mode == "memory":
-                self.cache.to(self.device)
+                free, _ = torch.cuda.mem_get_info(self.device)
+                if self.cache.images.nbytes < MEMORY_SHARE * free:
+                    self.cache.to(self.device)
             self.labels = self.cache.labels.cpu()
             self.paths = self.cache.paths
             self.skipped = list(images.skipped) + self.cache.skipped
@@ -372,11 +405,12 @@ class BatchLoader:
         if self.cache is not None:
             for rows in order:
                 idx = torch.as_tensor(rows, dtype=torch.long)
-                x = self.cache.images[idx.to(self.cache.images.device)]
-                y = self.cache.labels[idx.to(self.cache.labels.device)]
-                yield Batch(
-                    x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
-                )
+                # On a GPU cache (memory mode) the rows are gathered there; from a memory map
+                # the gathered batch is copied up through pinned memory.
+                at = to_device(idx, self.cache.images.device)
+                x = to_device(self.cache.images[at], self.device)
+                y = to_device(self.cache.labels[at], self.device)
+                yield Batch(x, y, idx)
             return
         loader = DataLoader(
             self.source,
@@ -384,8 +418,15 @@ class BatchLoader:
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            generator=torch.Generator(),  # leaves the global RNG alone, as the cache does
         )
-        for x, y, idx in loader:
+        for rows, (x, y, idx) in zip(order, loader, strict=True):
+            used = idx.tolist()
+            for k in [k for k, i in enumerate(used) if i < 0]:
+                x[k], _, used[k] = self.source[rows[k]]  # raises what the worker could not
+            idx = torch.tensor(used)
+            # DecodedImages hands back the row it used: another one means a bad file was replaced.
+            self.replaced += sum(a != b for a, b in zip(rows, used, strict=True))
             yield Batch(
                 x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
             )

@@ -369,7 +369,16 @@ def _owned_files(dst: Path) -> set[str]:
                 f"{path} was not written by rsscene prepare; refusing to replace it (remove it "
                 "yourself or choose another destination)"
             )
-        owned.update(str(f.get("file")) for f in data["files"] if isinstance(f, dict))
+        for f in data["files"]:
+            rel = str(f.get("file")) if isinstance(f, dict) else ""
+            # --force deletes these paths: an edited manifest must not reach outside DST.
+            names = rel.split("/")
+            if len(names) != 3 or names[0] not in PARTS or {"", ".", ".."} & set(names):
+                raise UserError(
+                    f"{path} lists {rel!r}, which is not a part/CLASS/file path inside "
+                    f"{dst}; refusing to delete anything (remove the old split yourself)"
+                )
+            owned.add(rel)
     return owned
 
 

@@ -173,7 +173,7 @@ def _frame_angle(frame: _Frame) -> float:
 
 
 def _place(
-    rng: np.random.Generator, parts: Sequence[np.ndarray], s: int, lo: float = 0.3, hi: float = 0.6
+    rng: np.random.Generator, parts: Sequence[np.ndarray], s: int, lo: float = 0.35, hi: float = 0.6
 ) -> tuple[_Frame, BBox]:
     """Pick a random angle, a scale giving ``lo..hi`` of the canvas, and a position inside it."""
     pts = np.concatenate(parts)
@@ -391,11 +391,11 @@ def _pitched_roof(
 
 
 def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
-    fw = rng.uniform(0.04, 0.065)  # fuselage half-width
+    fw = rng.uniform(0.05, 0.075)  # fuselage half-width
     span = rng.uniform(0.38, 0.55)  # half-span
     sweep = math.tan(rng.uniform(0.05, 0.6))
-    root = rng.uniform(0.16, 0.26)
-    tip = root * rng.uniform(0.25, 0.5)
+    root = rng.uniform(0.2, 0.3)
+    tip = root * rng.uniform(0.3, 0.55)
     wx = rng.uniform(-0.02, 0.1)  # wing root position along the fuselage
 
     xs = np.linspace(-0.5, 0.5, 25)
@@ -421,7 +421,7 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
         return [top, top * np.array([1.0, -1.0])]
 
     wings = wing(wx, fw * 0.8, span, root, tip)
-    ts = rng.uniform(0.13, 0.2)
+    ts = rng.uniform(0.15, 0.22)
     tails = wing(-0.42, fw * 0.5, ts, rng.uniform(0.08, 0.11), 0.04)
     engines: list[np.ndarray] = []
     n_eng = int(rng.choice([0, 2, 2, 4]))
@@ -461,10 +461,10 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
 
 def _bridge(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
-    hw = rng.uniform(0.035, 0.065)  # deck half-width
+    hw = rng.uniform(0.04, 0.07)  # deck half-width
     river = rng.uniform(0.2, 0.33)  # river half-width, always less than the deck's half-length
     deck = _rect(0, 0, 1.0, 2 * hw)
-    frame, bbox = _place(rng, [deck], s, 0.35, 0.62)
+    frame, bbox = _place(rng, [deck], s, 0.45, 0.62)
     img = _background(rng, s, bbox, water_prob=0.15)
     draw = ImageDraw.Draw(img)
 
@@ -502,7 +502,7 @@ def _bridge(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
 def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     depth = rng.uniform(0.5, 0.95)
-    t = rng.uniform(0.09, 0.15)  # wing thickness
+    t = rng.uniform(0.11, 0.17)  # wing thickness
     layout = str(rng.choice(["ring", "ring2", "E", "U", "H"]))
     hx, hy = 0.5, depth / 2
     wings: list[tuple[float, float, float, float]] = []  # (cx, cy, w, h) in local units
@@ -551,7 +551,8 @@ def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     _shadow(img, [frame(p) for p in outline], offset, rng.uniform(0.3, 0.5))
     draw = ImageDraw.Draw(img)
     if court is not None:
-        court_c = _pick(rng, TURF + PAVEMENT[2:], 14)
+        # Mostly paved courts, so a palace ring is not a stadium's green-in-a-ring.
+        court_c = _pick(rng, TURF if rng.random() < 0.3 else PAVEMENT[1:], 14)
         draw.polygon(_flat(frame(court)), fill=court_c)
     roof = _pick(rng, ROOFS, 12)
     for w in wings:
@@ -567,7 +568,7 @@ def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
 
 def _ship(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
-    beam = rng.uniform(0.11, 0.19)
+    beam = rng.uniform(0.13, 0.2)
     bow = rng.uniform(0.08, 0.25)  # where the bow taper starts
     xs = np.linspace(-0.5, 0.5, 31)
     half = np.full_like(xs, beam / 2)

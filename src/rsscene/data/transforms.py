@@ -35,13 +35,24 @@ _D4 = [
 ]
 
 
+def to_device(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` on ``device``, copied from the host without waiting for the GPU.
+
+    A plain host-to-GPU ``.to()`` synchronises the stream, so a few small tensors per step
+    would stall the training loop; a copy from pinned memory is queued instead.
+    """
+    if device.type == "cuda" and x.device.type == "cpu":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def normalize(x: Tensor, enabled: bool = True) -> Tensor:
     """uint8 (or float in 0..255) → float in 0..1, then standardised by MEAN/STD if enabled."""
     x = x.float().div_(255.0)
     if not enabled:
         return x
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), x.device)
+    std = to_device(torch.tensor(STD).view(1, 3, 1, 1), x.device)
     return x.sub_(mean).div_(std)
 
 
@@ -82,7 +93,7 @@ class Augment:
         dev = x.device
         x = x.float()
         if self.crop or self.dihedral or self.hflip:
-            theta = self._affine(b, generator).to(dev)
+            theta = to_device(self._affine(b, generator), dev)
             grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
             # Only downsample with antialiasing first when the warp would skip pixels.
             if x.shape[-1] > 2 * self.size:
@@ -125,7 +136,7 @@ class Augment:
         s = self.jitter
 
         def factor() -> Tensor:
-            return (1 + s * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)).to(x.device)
+            return to_device(1 + s * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1), x.device)
 
         x = x * factor()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)

@@ -185,25 +185,31 @@ def evaluate_checkpoint(
     device: str = "cpu",
     cache: str = "memory",
     workers: int = 0,
+    strict: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a split folder (its test part) or a folder of class folders.
 
     Writes report.json, confusion.json/.png and misclassified.csv to ``out`` when given.
     With ``tta`` the report also holds ``tta_accuracy`` (8 flips/rotations averaged).
+    Unreadable images are left out and listed in ``skipped`` (``strict``: raise instead).
     """
     from rsscene.data.datasets import find_eval_folder, list_images
+    from rsscene.errors import UserError
     from rsscene.inference import Predictor
 
     data = Path(data)
     if not data.is_dir():
-        from rsscene.errors import UserError
-
         raise UserError(f"{data}: no such folder")
     if any((data / name).is_dir() for name in ("train", "test", "val", "valid", "validation")):
         data = find_eval_folder(data)
     predictor = Predictor(ckpt_path, device=device)
     images = list_images(data, predictor.classes)
-    loader = BatchLoader(images, predictor.size, cache, workers, predictor.device)
+    loader = BatchLoader(images, predictor.size, cache, workers, predictor.device, strict)
+    if not len(loader):
+        first = loader.skipped[0] if loader.skipped else ("", "")
+        raise UserError(
+            f"{data}: none of its {len(images)} images could be read (e.g. {first[0]}: {first[1]})"
+        )
     kwargs = dict(size=predictor.size, normalize=predictor.normalize, batch_size=batch_size)
     preds = predict(predictor.model, loader, **kwargs)
     report = report_from_predictions(preds, predictor.classes)

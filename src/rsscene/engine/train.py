@@ -38,7 +38,7 @@ from tqdm import tqdm
 from rsscene import __version__, checkpoint
 from rsscene.config import TrainConfig, resolve
 from rsscene.data.datasets import BatchLoader, Split, chunks, open_split
-from rsscene.data.transforms import MEAN, STD, Augment
+from rsscene.data.transforms import MEAN, STD, Augment, to_device
 from rsscene.engine import distributed
 from rsscene.engine.evaluate import (
     autocast,
@@ -119,7 +119,9 @@ def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def default_workers() -> int:
-    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2
+    # torchrun's processes on one node share its CPUs.
+    return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 # --------------------------------------------------------------------------- recipe pieces
@@ -177,7 +179,7 @@ def mix_batch(
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
         a, b = gamma.sample().tolist()
     lam = a / (a + b)
-    perm = torch.randperm(x.shape[0], generator=g).to(x.device)
+    perm = to_device(torch.randperm(x.shape[0], generator=g), x.device)
     if use_cutmix:
         h, w = x.shape[-2:]
         ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
@@ -205,7 +207,8 @@ def versions() -> dict[str, str]:
 
     return {
         "rsscene": __version__,
-        "torch": torch.__version__,
+        # A plain str: torch's TorchVersion subclass is refused by weights-only loading.
+        "torch": str(torch.__version__),
         "torchvision": torchvision.__version__,
         "python": platform.python_version(),
     }
@@ -254,6 +257,9 @@ class Trainer:
         self.state = RunState()
         ckpt = checkpoint.load(resume) if resume else None
         self.cfg = resolve(cfg, self.device.type)
+        if cfg.lr is None:
+            # resolve() scales by the per-process batch; a step averages over all processes'.
+            self.cfg.lr *= self.dist.world
         cfg = self.cfg
         self.amp = amp_dtype(cfg.amp, self.device)
         if cfg.deterministic:
@@ -318,13 +324,20 @@ class Trainer:
             if resume and Path(resume).is_dir()
             else (Path(resume).parent if resume else self._new_run_dir())
         )
+        where = self.dist.gather((self.state.next_epoch, self.state.next_step))
+        if len(set(where)) > 1:
+            raise UserError(
+                f"the processes would resume at different (epoch, step): {where} by rank; all"
+                f" nodes must read the same {self.run_dir / 'last.pt'} (a shared filesystem)"
+            )
         self.stop_signal: int | None = None
 
     # ----------------------------------------------------------------------- set-up
     def _new_run_dir(self) -> Path:
         if self.cfg.out:
             return Path(self.cfg.out)
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        # Rank 0's clock names the folder: the ranks' own could read different seconds.
+        stamp = self.dist.broadcast(datetime.now().strftime("%Y%m%d-%H%M%S"))
         return Path("runs") / f"{self.cfg.arch}-{stamp}"
 
     def _check_resume(self, ckpt: dict, path: str | Path) -> None:
@@ -374,7 +387,7 @@ class Trainer:
             for name, p in net.named_parameters():
                 p.requires_grad = name.startswith("fc.")
         if cfg.sync_bn and self.dist.enabled:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net = distributed.convert_sync_batchnorm(net, self.device.type)
         net = net.to(self.device)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -407,6 +420,18 @@ class Trainer:
             self.scaler.load_state_dict(st["scaler"])
         if self.ema is not None and st.get("ema"):
             self.ema.load_state_dict(st["ema"])
+        saved_batch = ckpt["config"]["batch_size"] * ckpt.get("world_size", 1)
+        if saved_batch != self.global_batch:
+            if ckpt["next_step"]:
+                raise UserError(
+                    f"the checkpoint was saved mid-epoch with an effective batch of {saved_batch};"
+                    f" this run's is {self.cfg.batch_size} x {self.dist.world} processes ="
+                    f" {self.global_batch}: resume with a --batch-size and process count whose"
+                    f" product is {saved_batch}"
+                )
+            # Steps have another size now: continue the schedule at the same epoch.
+            self.scheduler.last_epoch = ckpt["next_epoch"] * self.steps_per_epoch - 1
+            self.scheduler.step()
         self.state = RunState(
             next_epoch=ckpt["next_epoch"],
             next_step=ckpt["next_step"],
@@ -449,6 +474,7 @@ class Trainer:
             "data_fingerprint": self.fingerprint,
             "next_epoch": self.state.next_epoch,
             "next_step": self.state.next_step,
+            "world_size": self.dist.world,
             "versions": versions(),
             "state": state,
         }
@@ -507,6 +533,10 @@ class Trainer:
                     self.log(f"{name}: skipped {len(loader.skipped)} unreadable file(s):")
                     for path, reason in loader.skipped:
                         self.log(f"  {path}: {reason}")
+            if self.state.next_epoch or self.state.next_step:
+                self.log(
+                    f"resuming at epoch {self.state.next_epoch + 1}, step {self.state.next_step + 1}"
+                )
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for epoch in range(self.state.next_epoch, cfg.epochs):
@@ -520,10 +550,11 @@ class Trainer:
         cfg, main = self.cfg, self.dist.main
         batches = self.epoch_batches(epoch)
         start = self.state.next_step if epoch == self.state.next_epoch else 0
+        # The sums saved by an interrupted run are over all ranks; counted once, at the end.
         part = self.state.partial if start else {}
-        loss_sum = torch.tensor(part.get("loss_sum", 0.0), device=self.device, dtype=torch.float64)
-        correct = torch.tensor(part.get("correct", 0), device=self.device, dtype=torch.long)
-        seen = int(part.get("seen", 0))
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
         elapsed = float(part.get("seconds", 0.0))
         bad_step = torch.tensor(-1, device=self.device)
         self.forward.train()
@@ -564,56 +595,44 @@ class Trainer:
                 self.ema.update_parameters(self.net)
             # Accumulate on the device; the host reads these only every few steps.
             detached = loss.detach()
-            bad_step = torch.where(
-                (bad_step < 0) & ~torch.isfinite(detached),
-                torch.tensor(step, device=self.device),
-                bad_step,
-            )
+            # A Python scalar, not torch.tensor(step, device=...): that copy would sync the GPU.
+            bad_step = torch.where((bad_step < 0) & ~torch.isfinite(detached), step, bad_step)
             loss_sum += detached.double() * len(batch.labels)
             correct += (logits.detach().argmax(1) == batch.labels).sum()
             seen += len(batch.labels)
-            sync = self.device.type == "cpu" or step % 20 == 19 or step == len(batches) - 1
-            if sync and int(bad_step) >= 0:
-                raise self._diverged(epoch, int(bad_step))
-            if sync and not bar.disable:
-                rate = (seen - int(part.get("seen", 0))) / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            if not (self.device.type == "cpu" or step % 20 == 19 or step == len(batches) - 1):
+                continue
+            # The host reads the device only here, and one reduction makes every rank stop, or
+            # raise, at the same step.
+            stop = torch.tensor(int(self.stop_signal is not None), device=self.device)
+            stop, bad = self.dist.all_max(torch.stack([stop, bad_step])).tolist()
+            if bad >= 0:
+                raise self._diverged(epoch, bad)
+            if not bar.disable:
+                rate = seen / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.3f}",
                     acc=f"{correct.item() / seen:.3f}",
                     img_s=f"{rate:.0f}",
                 )
-            bar.update(1)
-            if self.dist.enabled:
-                stop = self.dist.any(self.stop_signal is not None, self.device)
-            else:
-                stop = self.stop_signal is not None
             if stop:
                 self.state.next_epoch, self.state.next_step = epoch, step + 1
                 self.state.partial = {
-                    "loss_sum": loss_sum.item(),
-                    "correct": int(correct),
-                    "seen": seen,
+                    **self._epoch_sums(loss_sum, correct, seen, part),
                     "seconds": elapsed + time.perf_counter() - t0,
                 }
                 self._interrupt(epoch, step)
         bar.close()
         train_seconds = time.perf_counter() - t0
-        totals = self.dist.all_sum(
-            torch.stack(
-                [
-                    loss_sum,
-                    correct.double(),
-                    torch.tensor(float(seen), device=self.device, dtype=torch.float64),
-                ]
-            )
-        )
-        run_seen = seen - int(part.get("seen", 0))
-        images_per_s = run_seen * self.dist.world / max(train_seconds, 1e-9)
+        sums = self._epoch_sums(loss_sum, correct, seen, part)
+        images_per_s = seen * self.dist.world / max(train_seconds, 1e-9)
+        self.dist.sync_buffers(self.net, *([self.ema] if self.ema is not None else []))
         results = {name: self.evaluate(loader) for name, loader in self.eval_data.items()}
         row = {
             "epoch": epoch + 1,
-            "train_loss": round(totals[0].item() / max(totals[2].item(), 1), 5),
-            "train_acc": round(totals[1].item() / max(totals[2].item(), 1), 5),
+            "train_loss": round(sums["loss_sum"] / max(sums["seen"], 1), 5),
+            "train_acc": round(sums["correct"] / max(sums["seen"], 1), 5),
             "test_loss": round(results["test"]["loss"], 5),
             "test_acc": round(results["test"]["accuracy"], 5),
             "val_acc": round(results["val"]["accuracy"], 5) if "val" in results else "",
@@ -640,6 +659,17 @@ class Trainer:
                 f" {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s"
             )
         self.dist.barrier()
+
+    def _epoch_sums(
+        self, loss_sum: Tensor, correct: Tensor, seen: int, part: dict[str, float]
+    ) -> dict[str, float]:
+        """The epoch's training loss sum, correct and seen counts over all ranks so far."""
+        local = torch.stack([loss_sum, correct.double(), loss_sum.new_tensor(float(seen))])
+        totals = self.dist.all_sum(local).tolist()
+        return {
+            name: total + part.get(name, 0)
+            for name, total in zip(("loss_sum", "correct", "seen"), totals, strict=True)
+        }
 
     def _diverged(self, epoch: int, step: int) -> Diverged:
         last = self.run_dir / "last.pt"
@@ -745,6 +775,11 @@ class Trainer:
                 f" {self.state.best['accuracy']:.2%} at epoch {self.state.best['epoch']};"
                 f" run folder {self.run_dir}"
             )
+            if self.train_data.replaced:
+                self.log(
+                    f"replaced {self.train_data.replaced} training sample(s) whose file could not"
+                    " be read by another image of the same class (files named in the warnings)"
+                )
         return report
 
 
@@ -752,10 +787,27 @@ def train(
     cfg: TrainConfig, resume: str | Path | None = None, log: Any = print
 ) -> tuple[Path, dict[str, Any]]:
     """Train ``cfg`` (or continue the run in ``resume``); returns (run folder, final report)."""
+    trainer = None
     try:
         trainer = Trainer(cfg, resume=resume, log=log)
         report = trainer.fit()
         return trainer.run_dir, report
+    except Exception as e:
+        # Under torchrun another process's crash surfaces here as a communication error
+        # (torchrun then names the root cause): say where the run can continue from.
+        if (
+            trainer is not None
+            and trainer.dist.enabled
+            and not isinstance(e, (UserError, Interrupted))
+            and (trainer.run_dir / "last.pt").is_file()
+        ):
+            print(
+                f"rank {trainer.dist.rank}: training stopped ({type(e).__name__}); the last"
+                f" checkpoint is {trainer.run_dir / 'last.pt'}: continue with"
+                f" --resume {trainer.run_dir}",
+                file=sys.stderr,
+            )
+        raise
     finally:
         distributed.teardown()
 
@@ -772,4 +824,9 @@ def resume_config(run: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     )
     if isinstance(saved.crop_scale, list):
         saved.crop_scale = tuple(saved.crop_scale)
+    # Keep the effective batch (and so the lr and steps it was tuned with) across a change in
+    # the number of processes, e.g. from torchrun to one process, when it divides evenly.
+    effective = saved.batch_size * ckpt.get("world_size", 1)
+    if effective % distributed.world_size() == 0:
+        saved.batch_size = effective // distributed.world_size()
     return dataclasses.replace(saved, **{k: v for k, v in overrides.items() if v is not None})

@@ -232,7 +232,10 @@ def load_backbone(model: ResNet, state: dict[str, Tensor]) -> list[str]:
     own = model.state_dict()
     skipped = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
     if not skipped:
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"weights do not fit {type(model).__name__}: {str(e)[:300]}") from None
         return []
     state = {k: v for k, v in state.items() if k not in skipped}
     missing, unexpected = model.load_state_dict(state, strict=False)

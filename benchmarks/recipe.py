@@ -1,0 +1,138 @@
+"""Accuracy and wall time: the tutorial's recipe against rsscene's default, in one run.
+
+    python benchmarks/recipe.py --data ../shared/data/aid5 --seeds 3
+    python benchmarks/recipe.py --data ../shared/data/aid5 --ablation      # one row per part off
+
+DATA may be a raw one-folder-per-class dataset (split here with ``--test-ratio 0.1
+--seed 0``, as the README's figures are) or an already prepared split. Both recipes train
+from scratch on the same split, one after the other in this process, and the table gives
+final-epoch test accuracy (the honest number), wall time and their ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rsscene.config import DEVICE_DEFAULTS, build
+from rsscene.data.prepare import prepare
+from rsscene.data.synthetic import generate
+from rsscene.engine.train import train
+
+# Each row switches one part of the default recipe off (or back to the tutorial's choice).
+ABLATIONS = {
+    "no 90-degree rotations (flips only)": {"augment": "hflip"},
+    "no random resized crop": {"crop_scale": (1.0, 1.0)},
+    "no label smoothing": {"label_smoothing": 0.0},
+    "no colour jitter": {"jitter": 0.0},
+    "no zero-init residual": {"zero_init_residual": False},
+    "weight decay on norm and bias": {"wd_norm_bias": True},
+    "cosine instead of one-cycle": {"schedule": "cosine"},
+    "test at the train resolution": {"eval_size": "train"},
+    "float32, NCHW": {"amp": "off", "channels_last": False},
+}
+
+
+def split_dataset(data: Path | None, workdir: Path) -> Path:
+    if data is None:
+        raw = workdir / "scenes"
+        generate(raw, per_class=30, size=64, seed=0)
+        data = raw
+    if (data / "train").is_dir():
+        return data
+    dst = workdir / "split"
+    prepare(data, dst, test_ratio=0.1, seed=0, mode="symlink")
+    return dst
+
+
+def run_one(split: Path, out: Path, settings: dict, seed: int) -> dict:
+    settings = dict(settings)
+    if settings.get("eval_size") == "train":
+        kind = "gpu" if torch.cuda.is_available() else "cpu"
+        settings["eval_size"] = settings.get("img_size") or DEVICE_DEFAULTS[kind]["img_size"]
+    cfg = build({"data": str(split), "seed": seed, "out": str(out), **settings})
+    started = time.perf_counter()
+    _, report = train(cfg, log=lambda *_: None)
+    return {
+        "accuracy": report["test_accuracy"],
+        "tta": report["test_accuracy_tta"],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def summary(runs: list[dict], key: str) -> tuple[float, float]:
+    values = [r[key] for r in runs]
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, help="raw class folders or a split (default: scenes)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--epochs", type=int, help="override both recipes' epochs (smoke tests)")
+    parser.add_argument("--img-size", type=int, help="override both recipes' sizes (smoke tests)")
+    parser.add_argument("--skip-tutorial", action="store_true", help="default recipe only")
+    parser.add_argument("--ablation", action="store_true", help="add one row per part switched off")
+    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--workdir", type=Path, help="keep runs here (default: a temp folder)")
+    args = parser.parse_args(argv)
+
+    common: dict = {"arch": args.arch}
+    if args.epochs:
+        common["epochs"] = args.epochs
+    if args.img_size:
+        common.update(img_size=args.img_size, eval_size=args.img_size)
+    recipes = {"rsscene default": dict(common)}
+    if not args.skip_tutorial:
+        recipes = {"tutorial (--tutorial)": {**common, "tutorial": True}, **recipes}
+    if args.ablation:
+        for name, change in ABLATIONS.items():
+            recipes[name] = {**common, **change}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        split = split_dataset(args.data, workdir)
+        results: dict[str, list[dict]] = {}
+        for name, settings in recipes.items():
+            for seed in range(args.seeds):
+                slug = name.split(" (")[0].replace(" ", "-").replace(",", "")
+                result = run_one(split, workdir / f"{slug}-s{seed}", settings, seed)
+                results.setdefault(name, []).append(result)
+                print(
+                    f"{name} seed {seed}: accuracy {result['accuracy']:.4f}"
+                    f" (TTA {result['tta']:.4f}) in {result['seconds']:.0f}s",
+                    flush=True,
+                )
+
+    base = results.get("tutorial (--tutorial)")
+    width = max(len(n) for n in results)
+    print(
+        f"\n{args.arch} on {args.data or 'built-in scenes'}, {args.seeds} seed(s);"
+        " final-epoch test accuracy, mean ± sd"
+    )
+    print(f"{'recipe':<{width}}  accuracy         TTA      time (s)  time ratio  acc. diff")
+    for name, runs in results.items():
+        acc, acc_sd = summary(runs, "accuracy")
+        tta, _ = summary(runs, "tta")
+        secs, _ = summary(runs, "seconds")
+        ratio = f"{secs / summary(base, 'seconds')[0]:.2f}" if base else "-"
+        diff = f"{100 * (acc - summary(base, 'accuracy')[0]):+.1f} pt" if base else "-"
+        print(
+            f"{name:<{width}}  {100 * acc:5.1f} ± {100 * acc_sd:3.1f}%  {100 * tta:5.1f}%"
+            f"  {secs:8.0f}  {ratio:>10}  {diff:>9}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""The HTTP API and web page of ``rsscene serve``: :func:`create_app` builds a FastAPI app.
+
+``POST /predict``  images as multipart (field ``file`` or ``files``, one or several) or JSON
+                   ``{"images": [base64, ...]}`` / ``{"image": base64}``; answers
+                   ``{"predictions": [{"file": name, "top": [{"class", "probability"}]}]}``
+``POST /cam``      one image, the same ways; a Grad-CAM overlay PNG (``?format=json``: base64
+                   in JSON; ``?class=NAME``: explain that class instead of the predicted one)
+``GET /classes``, ``GET /health``, ``GET /metrics``, and ``GET /``: the one-page web UI.
+
+The checkpoint is loaded once. Predictions are micro-batched: each request's decoded images
+join a queue; one task gathers what arrives within ``batch_wait_ms`` (up to ``max_batch``
+images) and makes one model call. Every model call, prediction or Grad-CAM, runs in one
+dedicated thread, so the event loop never waits on the model and the model never runs twice
+at once (Grad-CAM's hook would otherwise see another request's forward pass).
+
+Bad input is answered with a 4xx and ``{"error": "..."}``: 400 for an empty body, malformed
+JSON or base64; 413 for a body over ``max_bytes`` or more than ``max_files`` images; 415 for
+another content type; 422 for what is not a usable image (not an image, corrupt, too small,
+a decompression bomb), naming the file and the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from torch import Tensor
+
+from rsscene.data.images import ImageError
+from rsscene.errors import UserError
+from rsscene.explain import class_index, explain, overlay_png
+from rsscene.inference import Prediction, Predictor
+
+DEFAULT_MAX_BYTES = 10_000_000
+PAGE = Path(__file__).with_name("static") / "index.html"
+log = logging.getLogger("rsscene.serve")
+
+
+class ApiError(Exception):
+    """A bad request, answered with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class BodyLimit:
+    """ASGI middleware: a body over ``max_bytes`` gets 413, by its Content-Length before
+    anything is read, or as soon as the bytes read pass the limit (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body over the limit of {self.max_bytes:,} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await _error(413, message)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.max_bytes:
+                raise ApiError(413, message)  # answered by the app's ApiError handler
+            return msg
+
+        await self.app(scope, limited, send)
+
+
+class Metrics:
+    """Request counts by status, recent latencies, images and model calls."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.status: Counter[int] = Counter()
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        self.images = 0
+        self.model_calls = 0
+
+    def record(self, status: int, seconds: float) -> None:
+        self.status[status] += 1
+        self.latencies.append(seconds * 1000)
+
+    def as_dict(self) -> dict[str, Any]:
+        p50, p90, p99 = (
+            np.percentile(self.latencies, [50, 90, 99]).round(2).tolist()
+            if self.latencies
+            else (None, None, None)
+        )
+        return {
+            "requests": sum(self.status.values()),
+            "errors": sum(n for s, n in self.status.items() if s >= 400),
+            "status": {str(s): n for s, n in sorted(self.status.items())},
+            "latency_ms": {"p50": p50, "p90": p90, "p99": p99, "window": len(self.latencies)},
+            "images_predicted": self.images,
+            "model_calls": self.model_calls,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+        }
+
+
+class MetricsMiddleware:
+    """ASGI middleware timing every request and counting its response status."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client gets if the app raises before answering
+
+        async def capture(msg: Message) -> None:
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            self.metrics.record(status, time.perf_counter() - start)
+
+
+class ModelWorker:
+    """The one thread that runs the model, and the micro-batcher that feeds it."""
+
+    def __init__(self, predictor: Predictor, max_batch: int, wait_s: float, metrics: Metrics):
+        self.predictor = predictor
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self.metrics = metrics
+
+    async def start(self) -> None:
+        # Created here, inside the running loop, so the app can be started more than once.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsscene-model")
+        self.queue: asyncio.Queue[tuple[list[Tensor], asyncio.Future]] = asyncio.Queue()
+        self.task = asyncio.create_task(self._batch_loop())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with suppress(asyncio.CancelledError):
+            await self.task
+        self.executor.shutdown(wait=True)
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def probabilities(self, images: list[Tensor]) -> Tensor:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put((images, future))
+        return await future
+
+    async def _batch_loop(self) -> None:
+        while True:
+            jobs = [await self.queue.get()]
+            await asyncio.sleep(self.wait_s)  # let concurrent requests join this batch
+            count = len(jobs[0][0])
+            while count < self.max_batch and not self.queue.empty():
+                jobs.append(self.queue.get_nowait())
+                count += len(jobs[-1][0])
+            images = [image for batch, _ in jobs for image in batch]
+            try:
+                probs = await self.call(self.predictor.probabilities, images)
+            except Exception as e:  # a failed model call fails its requests, not the loop
+                for _, future in jobs:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            self.metrics.model_calls += 1
+            self.metrics.images += len(images)
+            start = 0
+            for batch, future in jobs:
+                if not future.done():  # its client may have gone away
+                    future.set_result(probs[start : start + len(batch)])
+                start += len(batch)
+
+
+async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    """(name, bytes) of each image in a multipart or JSON request, or an :class:`ApiError`."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    usage = "send images as multipart (field 'file' or 'files') or JSON {\"images\": [base64]}"
+    items: list[tuple[str, bytes]] = []
+    if content_type == "multipart/form-data":
+        form = await request.form()
+        uploads = form.getlist("file") + form.getlist("files")
+        if len(uploads) > max_files:
+            raise ApiError(413, f"{len(uploads)} images in one request; the limit is {max_files}")
+        for i, upload in enumerate(uploads):
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "fields 'file' and 'files' must be file uploads, not text")
+            items.append((upload.filename or f"image{i}", await upload.read()))
+    elif content_type == "application/json":
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, f"malformed JSON body; {usage}") from None
+        if isinstance(data, dict) and isinstance(data.get("images"), list):
+            encoded = data["images"]
+        elif isinstance(data, dict) and "image" in data:
+            encoded = [data["image"]]
+        else:
+            raise ApiError(400, f"unexpected JSON; {usage}")
+        if len(encoded) > max_files:
+            raise ApiError(413, f"{len(encoded)} images in one request; the limit is {max_files}")
+        for i, text in enumerate(encoded):
+            try:
+                # Whitespace is allowed: ``base64`` wraps its output at 76 columns.
+                items.append((f"image{i}", base64.b64decode("".join(text.split()), validate=True)))
+            except (AttributeError, binascii.Error, ValueError):
+                raise ApiError(400, f"image {i}: not valid base64") from None
+    elif not await request.body():
+        raise ApiError(400, f"empty request; {usage}")
+    else:
+        raise ApiError(415, f"unsupported content type {content_type or 'none'!r}; {usage}")
+    if not items:
+        raise ApiError(400, f"no image in the request; {usage}")
+    return items
+
+
+def create_app(
+    ckpt_path: str | Path,
+    *,
+    device: str = "cpu",
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_files: int = 16,
+    topk: int = 5,
+    batch_wait_ms: float = 5.0,
+    max_batch: int = 32,
+) -> FastAPI:
+    """The app for one checkpoint, loaded now (a bad checkpoint fails here, not per request)."""
+    predictor = Predictor(ckpt_path, device=device)
+    metrics = Metrics()
+    worker = ModelWorker(predictor, max_batch, batch_wait_ms / 1000, metrics)
+    page = PAGE.read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await worker.start()
+        yield
+        await worker.stop()
+
+    app = FastAPI(title="rsscene", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.predictor = predictor
+    app.state.metrics = metrics
+    # Added last = outermost: metrics also count what BodyLimit refuses.
+    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        return _error(422, where)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        # A bug, never bad input: those are all answered above.
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, "internal server error")
+
+    async def decode(items: list[tuple[str, bytes]]) -> list[Tensor]:
+        def load_all() -> list[Tensor]:
+            try:
+                return [predictor.load(data, name=name) for name, data in items]
+            except ImageError as e:
+                raise ApiError(422, str(e)) from None
+
+        return await asyncio.to_thread(load_all)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "arch": predictor.arch,
+            "classes": len(predictor.classes),
+            "input_size": predictor.size,
+        }
+
+    @app.get("/classes")
+    async def classes() -> dict[str, Any]:
+        return {"classes": predictor.classes}
+
+    @app.get("/metrics")
+    async def get_metrics() -> dict[str, Any]:
+        return metrics.as_dict()
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        items = await read_images(request, max_files)
+        probs = await worker.probabilities(await decode(items))
+        tops = predictor.top(probs, topk)
+        return {
+            "predictions": [
+                Prediction(name, top).as_dict() for (name, _), top in zip(items, tops, strict=True)
+            ]
+        }
+
+    @app.post("/cam", response_model=None)
+    async def cam(
+        request: Request,
+        class_name: str | None = Query(None, alias="class"),
+        format: Literal["png", "json"] = "png",
+    ) -> Response | dict[str, Any]:
+        try:
+            class_idx = class_index(predictor.classes, class_name)
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+        items = await read_images(request, 1)
+        (image,) = await decode(items)
+
+        def run() -> tuple[bytes, int, float]:
+            heat, idx, probs = explain(predictor, image, class_idx)
+            return overlay_png(image, heat), idx, float(probs[idx])
+
+        png, idx, prob = await worker.call(run)
+        if format == "json":
+            return {
+                "file": items[0][0],
+                "class": predictor.classes[idx],
+                "probability": round(prob, 6),
+                "png": base64.b64encode(png).decode(),
+            }
+        return Response(png, media_type="image/png")
+
+    return app

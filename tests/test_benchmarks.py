@@ -1,0 +1,35 @@
+"""The throughput benchmark runs end to end at a tiny setting and prints its table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+
+
+def test_throughput_tiny(tmp_path):
+    out = tmp_path / "result.json"
+    tiny = "--steps 2 --warmup 1 --img-size 32 --batch-size 4 --scene-size 48 --workers 0"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *tiny.split(), "--device", "cpu", "--threads", "1"]
+        + ["--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| (")]
+    assert [line.split("|")[1].strip() for line in table] == [
+        "(a) tutorial",
+        "(b) torchvision reference",
+        "(c) rsscene",
+    ]
+    rows = json.loads(out.read_text())["rows"]
+    assert all(r["train"] > 0 and r["infer"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    rsscene = rows[2]
+    assert rsscene["cache"] == "memory"
+    assert rsscene["cache_shape"] == [10, 3, 32, 32]  # stored at the training size, no larger
+    assert rsscene["cache_mib"] == 10 * 3 * 32 * 32 / 2**20

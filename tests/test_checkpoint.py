@@ -1,0 +1,215 @@
+"""Checkpoints: atomic saves that survive SIGKILL and a full disk, verified and safe loads."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rsscene import checkpoint
+from rsscene.checkpoint import CheckpointError
+from rsscene.cli import main
+from rsscene.models import create_model
+from test_images import tiny_checkpoint
+
+MARK = 1.2345  # a value easy to find among the bytes of a saved file
+
+
+def payload(fill: float = MARK) -> dict:
+    state = {"fc.weight": torch.full((3, 64), fill), "fc.bias": torch.zeros(3)}
+    return {"model": state, "arch": "resnet18", "class_names": ["a", "b", "c"]}
+
+
+def test_save_leaves_only_the_file_and_load_verifies(tmp_path: Path) -> None:
+    path = checkpoint.save(payload(), tmp_path / "run" / "last.pt")
+    checkpoint.save(payload(2.0), path)  # replacing an existing file
+    assert os.listdir(path.parent) == ["last.pt"]
+    ckpt = checkpoint.load(path)
+    assert ckpt["sha256"] == checkpoint.weights_digest(ckpt["model"])
+    assert (ckpt["model"]["fc.weight"] == 2.0).all()
+
+
+def test_a_flipped_byte_in_the_weights_fails_the_checksum(tmp_path: Path) -> None:
+    path = checkpoint.save(payload(), tmp_path / "last.pt")
+    data = bytearray(path.read_bytes())
+    at = bytes(data).find(torch.full((4,), MARK).numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.01, 0.5, 0.99])
+def test_a_truncated_file_is_not_readable(keep: float, tmp_path: Path) -> None:
+    path = checkpoint.save(payload(), tmp_path / "last.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(keep * len(data))])
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        checkpoint.load(path)
+
+
+@settings(max_examples=60, deadline=None)
+@given(at=st.floats(0, 1), value=st.integers(0, 255), cut=st.booleans())
+def test_damaged_files_raise_only_checkpoint_error(
+    at: float, value: int, cut: bool, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    path = tmp_path_factory.getbasetemp() / "fuzz.pt"
+    checkpoint.save(payload(), path)
+    data = bytearray(path.read_bytes())
+    i = min(int(at * len(data)), len(data) - 1)
+    if cut:
+        del data[i:]
+    else:
+        data[i] = value
+    path.write_bytes(data)
+    with contextlib.suppress(CheckpointError):
+        checkpoint.load(path)
+
+
+def test_a_full_disk_keeps_the_old_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    path = checkpoint.save(payload(), tmp_path / "last.pt")
+    before = path.read_bytes()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        checkpoint.save(payload(3.0), path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+# The driver forks a child that saves last.pt (ResNet-18 weights all equal to a step counter)
+# in a loop, SIGKILLs it at a random moment, then loads the file; it prints what it found.
+# Serialising takes most of a save, so every other kill waits for the temporary file to appear
+# and lands while it is being written.
+KILL_LOOP = textwrap.dedent(
+    """
+    import json, os, random, signal, sys, time
+    import torch
+    from rsscene import checkpoint
+    from rsscene.models import create_model
+
+    path, rounds = sys.argv[1], int(sys.argv[2])
+    folder = os.path.dirname(path)
+    state = create_model("resnet18", num_classes=3).state_dict()
+
+    def save(step):
+        for t in state.values():
+            t.fill_(step)
+        checkpoint.save({"model": state, "arch": "resnet18", "class_names": ["a", "b", "c"],
+                         "step": step}, path)
+
+    save(0)
+    rng, found = random.Random(0), []
+    for r in range(rounds):
+        pid = os.fork()
+        if pid == 0:
+            for step in range(1000 * (r + 1), 1000 * (r + 2)):
+                save(step)
+            os._exit(0)
+        if r % 2:
+            deadline = time.monotonic() + 60
+            while not any(n.endswith(".tmp") for n in os.listdir(folder)):
+                assert time.monotonic() < deadline, "no save started"
+                time.sleep(0.001)
+            time.sleep(rng.uniform(0.0, 0.05))
+        else:
+            time.sleep(rng.uniform(0.05, 1.0))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        ckpt = checkpoint.load(path)  # raises on a torn file or a wrong checksum
+        step = ckpt["step"]
+        assert all((t == step).all() for t in ckpt["model"].values()), step
+        temps = [n for n in os.listdir(folder) if n.endswith(".tmp")]
+        for name in temps:  # SIGKILL leaves the half-written temporary file behind
+            os.unlink(os.path.join(folder, name))
+        found.append({"step": step, "temps": len(temps)})
+    print(json.dumps(found))
+    """
+)
+
+
+def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", KILL_LOOP, str(tmp_path / "last.pt"), "20"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rounds = json.loads(done.stdout)
+    steps = [r["step"] for r in rounds]
+    assert len(rounds) == 20 and steps == sorted(steps)
+    assert any(s > 0 for s in steps)  # some saves completed before a kill...
+    assert sum(r["temps"] for r in rounds) > 0  # ...and some kills landed mid-write
+
+
+# --------------------------------------------------------------------------- untrusted files
+class MakesAFile:
+    """Unpickling this would create ``path``: what a malicious checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return (open, (str(self.path), "w"))
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "train --weights", "train --resume"])
+def test_a_pickle_that_runs_code_is_refused(
+    command: str, split: Path, tmp_path: Path, capsys
+) -> None:
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    state = create_model("resnet18", num_classes=3).state_dict()
+    torch.save({**payload(), "model": state, "extra": MakesAFile(marker)}, evil)
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    argv = {
+        "predict": ["predict", str(evil), str(images)],
+        "evaluate": ["evaluate", str(evil), str(images.parent)],
+        "train --weights": ["train", str(split), "--weights", str(evil), "--device", "cpu"],
+        "train --resume": ["train", "--resume", str(evil)],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "refused as unsafe" in err
+    assert len(err.splitlines()) == 1 and not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\x89PNG\r\n\x1a\n" + os.urandom(500), "not a readable checkpoint"),
+        ("torchvision", "not an rsscene checkpoint"),
+        ("no class names", "lacks 'class_names'"),
+        ("unknown arch", "no model rsscene can build"),
+    ],
+)
+def test_wrong_checkpoints_give_one_line(content, message: str, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "wrong.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content == "torchvision":
+        torch.save(create_model("resnet18", num_classes=3).state_dict(), path)
+    elif content == "no class names":
+        checkpoint.save({k: v for k, v in payload().items() if k != "class_names"}, path)
+    else:
+        tiny_checkpoint(path)
+        ckpt = checkpoint.load(path)
+        checkpoint.save({**ckpt, "arch": "resnet9"}, path)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    assert main(["predict", str(path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsscene predict: error:") and message in err
+    assert len(err.splitlines()) == 1

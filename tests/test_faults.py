@@ -1,0 +1,224 @@
+"""Interruptions, numerical faults, untrusted files and user mistakes never lose work or crash."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from rsscene import checkpoint
+from rsscene.checkpoint import CheckpointError
+from rsscene.cli import main
+from rsscene.data.prepare import MANIFEST_NAME, prepare
+from rsscene.data.transforms import Augment
+from rsscene.errors import UserError
+from test_images import encode, noise, tiny_checkpoint
+
+TINY = ["--epochs", "1", "--batch-size", "8", "--img-size", "32", "--eval-size", "32"]
+TINY += ["--device", "cpu", "--workers", "0", "--amp", "off"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    """Exit status (usage errors included) and stderr of ``rsscene ARGV``, run in-process."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- SIGTERM and resume
+def rsscene(*argv: object, **kwargs) -> subprocess.Popen:
+    # One thread in every run: the thread count changes float sums, so runs compare only alike.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "rsscene", *map(str, argv)]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs
+    )
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    split: Path, tmp_path: Path, capsys
+) -> None:
+    # 35 training images in batches of 8: 4 steps an epoch.
+    flags = [*TINY, "--epochs", "2", "--deterministic", "--seed", "3"]
+    stopped = rsscene("train", split, *flags, "--out", tmp_path / "stopped")
+    log: list[str] = []
+
+    def stop_in_epoch_2() -> None:
+        for line in stopped.stdout:
+            log.append(line)
+            if line.startswith("epoch 1/2"):
+                stopped.send_signal(signal.SIGTERM)  # handled after epoch 2's current step
+
+    watcher = threading.Thread(target=stop_in_epoch_2)
+    watcher.start()
+    # The reference runs here meanwhile, on one thread like the subprocess.
+    assert cli(["train", split, *flags, "--out", tmp_path / "straight"], capsys)[0] == 0
+    watcher.join(timeout=300)
+    assert stopped.wait(timeout=300) == 128 + signal.SIGTERM, "".join(log)
+    assert f"Resume with: rsscene train --resume {tmp_path / 'stopped'}" in log[-1]
+    saved = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert saved["next_epoch"] == 1 and 0 < saved["next_step"] < 4, log[-1]  # mid-epoch 2
+
+    assert cli(["train", "--resume", tmp_path / "stopped"], capsys)[0] == 0
+    a = checkpoint.load(tmp_path / "straight" / "last.pt")
+    b = checkpoint.load(tmp_path / "stopped" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    losses = [[r["train_loss"] for r in c["state"]["history"]] for c in (a, b)]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
+# --------------------------------------------------------------------------- NaN
+def test_divergence_stops_with_one_line_naming_epoch_and_step(
+    split: Path, tmp_path: Path, capsys
+) -> None:
+    argv = ["train", split, *TINY, "--lr", "1e30", "--max-grad-norm", "1", "--out", tmp_path]
+    code, err = cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("rsscene train: error: loss became NaN/Inf at epoch 1, step ")
+    assert "no checkpoint was saved" in err and not (tmp_path / "last.pt").exists()
+
+
+def test_divergence_in_epoch_2_keeps_epoch_1s_checkpoint(
+    split: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    calls = []
+
+    class PoisonedAfterFiveSteps(Augment):
+        def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            calls.append(1)
+            out = super().__call__(x, generator)
+            return out * float("nan") if len(calls) > 5 else out
+
+    monkeypatch.setattr("rsscene.engine.train.Augment", PoisonedAfterFiveSteps)
+    code, err = cli(["train", split, *TINY, "--epochs", "2", "--out", tmp_path], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "loss became NaN/Inf at epoch 2, step 2" in err  # 4 steps an epoch
+    assert f"the last good checkpoint is {tmp_path / 'last.pt'}" in err
+    ckpt = checkpoint.load(tmp_path / "last.pt")
+    assert ckpt["next_epoch"] == 1 and ckpt["next_step"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+
+
+# --------------------------------------------------------------------------- untrusted files
+def test_a_yaml_config_cannot_run_code(tmp_path: Path, capsys) -> None:
+    marker = tmp_path / "marker"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'!!python/object/apply:os.system ["touch {marker}"]\n')
+    code, err = cli(["train", "--config", config], capsys)
+    assert code == 2 and err.startswith(f"rsscene train: error: {config}: refused:")
+    assert len(err.splitlines()) == 1 and not marker.exists()
+
+
+@pytest.mark.parametrize("entry", ["train/../../victim.txt", "/tmp/victim.txt", "test/a/../b/c"])
+def test_force_never_deletes_outside_the_split(entry: str, scenes: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    prepare(scenes, dst, test_ratio=0.3, classes=["ship", "bridge"])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    manifest = json.loads((dst / MANIFEST_NAME).read_text())
+    manifest["files"].append({"file": entry.replace("/tmp/", f"{tmp_path}/")})
+    (dst / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="not a part/CLASS/file path"):
+        prepare(scenes, dst, test_ratio=0.3, classes=["ship", "bridge"], force=True)
+    assert victim.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------- user mistakes
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A good checkpoint, wrong ones, config files and an image, for the cases below."""
+    root = tmp_path_factory.mktemp("mistakes")
+    found = {
+        "ckpt": tiny_checkpoint(root / "tiny.pt"),
+        "random": root / "random.pt",
+        "torchvision": root / "resnet18.pth",
+        "arch_yaml": root / "arch.yaml",
+        "image": root / "x.png",
+    }
+    found["random"].write_bytes(os.urandom(4096))
+    torch.save(checkpoint.load(found["ckpt"])["model"], found["torchvision"])
+    found["arch_yaml"].write_text("arch: resnet9\n")
+    found["image"].write_bytes(encode(noise(), "PNG"))
+    return found
+
+
+MISTAKES: dict[str, Callable[[dict[str, Path], Path, Path], list]] = {
+    "train: missing folder": lambda f, d, t: ["train", t / "absent"],
+    "prepare: missing folder": lambda f, d, t: ["prepare", t / "absent", t / "out"],
+    "evaluate: missing folder": lambda f, d, t: ["evaluate", f["ckpt"], t / "absent"],
+    "predict: missing checkpoint": lambda f, d, t: ["predict", t / "absent.pt", f["image"]],
+    "resume: missing run": lambda f, d, t: ["train", "--resume", t / "absent"],
+    "train: unknown arch": lambda f, d, t: ["train", d, "--arch", "resnet9"],
+    "train: unknown arch in a config": lambda f, d, t: ["train", d, "--config", f["arch_yaml"]],
+    "train: missing config": lambda f, d, t: ["train", d, "--config", t / "absent.yaml"],
+    "train: --epochs 0": lambda f, d, t: ["train", d, "--epochs", "0"],
+    "train: --lr -1": lambda f, d, t: ["train", d, "--lr", "-1"],
+    "train: --crop-scale 2": lambda f, d, t: ["train", d, "--crop-scale", "2"],
+    "train: --device tpu": lambda f, d, t: ["train", d, "--device", "tpu"],
+    "predict: --topk abc": lambda f, d, t: ["predict", f["ckpt"], f["image"], "--topk", "abc"],
+    "predict: --output x.txt": lambda f, d, t: ["predict", f["ckpt"], f["image"], "-o", "x.txt"],
+    "evaluate: random file": lambda f, d, t: ["evaluate", f["random"], d],
+    "predict: torchvision .pth": lambda f, d, t: ["predict", f["torchvision"], f["image"]],
+    "no command at all": lambda f, d, t: [],
+}
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_mistake_gives_one_line_and_status_2(
+    case: str, files: dict[str, Path], split: Path, tmp_path: Path, capsys
+) -> None:
+    code, err = cli(MISTAKES[case](files, split, tmp_path), capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("rsscene") and "Traceback" not in err
+
+
+def test_a_full_disk_at_the_first_save_gives_one_line(
+    split: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, err = cli(["train", split, *TINY, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("rsscene train: error: cannot write checkpoint") and "No space" in err
+    assert not list((tmp_path / "run").glob("*.pt*"))
+
+
+def test_a_full_disk_when_writing_results_gives_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    def full(self: Path, *args, **kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "predictions.json"
+    code, err = cli(["predict", files["ckpt"], files["image"], "-o", out], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"rsscene predict: error: {out}: No space left on device"
+
+
+def test_debug_shows_the_traceback(files: dict[str, Path]) -> None:
+    with pytest.raises(CheckpointError):
+        main(["--debug", "predict", str(files["random"]), str(files["image"])])

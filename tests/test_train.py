@@ -1,0 +1,153 @@
+"""train, evaluate and predict on a tiny generated dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_data, tiny_config
+from rsscene import checkpoint
+from rsscene.cli import main
+from rsscene.data.prepare import prepare
+from rsscene.engine.evaluate import evaluate_checkpoint
+from rsscene.engine.train import lr_factor, resume_config, train
+
+RUN_FILES = ["config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "report.json"]
+
+
+@pytest.fixture(scope="module")
+def run(split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "r18"
+    train(tiny_config(split, out), log=lambda *_: None)
+    return out
+
+
+def test_train_writes_a_complete_run_folder(run: Path) -> None:
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    config = json.loads((run / "config.json").read_text())
+    assert config["class_names"] == ["airplane", "bridge", "palace", "ship", "stadium"]
+    assert config["versions"]["torch"] == torch.__version__
+    ckpt = checkpoint.load(run / "last.pt")
+    for key in ("model", "arch", "class_names", "config", "state"):
+        assert key in ckpt
+    for key in ("optimizer", "scheduler", "history", "rng"):
+        assert key in ckpt["state"]
+
+
+def test_evaluate_best_matches_the_logged_epoch(run: Path, split: Path) -> None:
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    best = checkpoint.load(run / "best.pt")
+    epoch = best["next_epoch"]
+    logged = float(rows[epoch - 1]["test_acc"])
+    report = evaluate_checkpoint(run / "best.pt", split)
+    assert report["accuracy"] == pytest.approx(logged, abs=1e-5)
+
+
+def test_confusion_matrix_sums_to_test_images_and_recall_is_its_diagonal(
+    run: Path, split: Path, tmp_path: Path
+) -> None:
+    report = evaluate_checkpoint(run / "last.pt", split, out=tmp_path)
+    cm = torch.tensor(report["confusion"])
+    n_test = sum(1 for p in (split / "test").rglob("*.png"))
+    assert cm.sum().item() == n_test == report["images"]
+    for i, name in enumerate(report["classes"]):
+        row = cm[i].sum().item()
+        assert report["per_class"][name]["recall"] == pytest.approx(cm[i, i].item() / row)
+    for name in ("report.json", "confusion.json", "confusion.png", "misclassified.csv"):
+        assert (tmp_path / name).is_file()
+    wrong = list(csv.DictReader((tmp_path / "misclassified.csv").open()))
+    assert len(wrong) == n_test - cm.diag().sum().item()
+
+
+def test_predict_prints_class_names(run: Path, split: Path, tmp_path: Path, capsys) -> None:
+    image = next((split / "test" / "ship").iterdir())
+    out = tmp_path / "preds.json"
+    assert main(["predict", str(run), str(image), str(split / "test" / "bridge"), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(image) in printed
+    assert any(name in printed for name in ("airplane", "bridge", "palace", "ship", "stadium"))
+    saved = json.loads(out.read_text())
+    n_bridge = len(list((split / "test" / "bridge").iterdir()))
+    assert len(saved["predictions"]) == 1 + n_bridge
+    probs = [t["probability"] for t in saved["predictions"][0]["top"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_resume_equals_an_uninterrupted_run(split: Path, tmp_path: Path) -> None:
+    quiet = {"log": lambda *_: None}
+    straight = tmp_path / "straight"
+    train(tiny_config(split, straight, epochs=4, schedule="constant"), **quiet)
+    halves = tmp_path / "halves"
+    train(tiny_config(split, halves, epochs=2, schedule="constant"), **quiet)
+    train(resume_config(halves, {"epochs": 4}), resume=halves, **quiet)
+    a = checkpoint.load(straight / "last.pt")["model"]
+    b = checkpoint.load(halves / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader((halves / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_another_arch(run: Path, capsys) -> None:
+    assert main(["train", "--resume", str(run), "--arch", "resnet34"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+
+
+def test_tutorial_flag_sets_the_tutorial_recipe(split: Path) -> None:
+    from rsscene.config import build
+
+    cfg = build({"data": str(split), "tutorial": True, "epochs": 1})
+    assert (cfg.arch, cfg.batch_size, cfg.img_size, cfg.optimizer, cfg.lr) == (
+        "resnet18", 32, 224, "adam", 5e-4
+    )
+    assert (cfg.amp, cfg.channels_last, cfg.cache, cfg.augment) == ("off", False, "none", "hflip")
+    assert cfg.epochs == 1  # flags still override the recipe
+
+
+def test_config_file_sets_defaults_and_flags_override(split: Path, tmp_path: Path) -> None:
+    from rsscene.config import build
+
+    (tmp_path / "c.yaml").write_text("arch: resnet34\nepochs: 7\nlr: 0.05\n")
+    (tmp_path / "c.toml").write_text('arch = "resnet50"\nepochs = 3\n')
+    cfg = build({"data": str(split), "epochs": 2}, tmp_path / "c.yaml")
+    assert (cfg.arch, cfg.epochs, cfg.lr) == ("resnet34", 2, 0.05)
+    assert build({"data": str(split)}, tmp_path / "c.toml").arch == "resnet50"
+
+
+def test_schedule_warms_up_then_decays() -> None:
+    assert lr_factor(0, 100, 10, "onecycle") < lr_factor(9, 100, 10, "onecycle") < 1
+    assert lr_factor(10, 100, 10, "cosine") == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(55, 100, 10, "constant") == 1.0
+
+
+def test_real_aid5_end_to_end_beats_chance(tmp_path: Path) -> None:
+    aid5 = shared_data("aid5")
+    split = tmp_path / "aid5"
+    prepare(aid5, split, test_ratio=0.1, seed=0, mode="symlink")
+    out = tmp_path / "run"
+    cfg = tiny_config(split, out, img_size=32, eval_size=32, batch_size=32, amp="auto",
+                      deterministic=False)
+    _, report = train(cfg, log=lambda *_: None)
+    assert report["test"]["images"] == 163
+    evaluated = evaluate_checkpoint(out / "last.pt", split)
+    assert evaluated["accuracy"] == pytest.approx(report["test_accuracy"], abs=0.02)
+    assert evaluated["accuracy"] > 0.2
+
+
+def test_recipe_benchmark_runs_in_a_tiny_setting(capsys) -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py"
+    spec = importlib.util.spec_from_file_location("recipe_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--epochs", "1", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "tutorial (--tutorial)" in out and "rsscene default" in out and "time ratio" in out
