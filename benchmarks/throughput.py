@@ -287,7 +287,7 @@ def rsscene_loop(args: argparse.Namespace, device: torch.device, work: Path) -> 
         "layout": "channels_last" if trainer.cfg.channels_last else "NCHW",
         "workers": args.workers,
         "cache": data.mode,
-        "cache_mib": cache.numel() * cache.element_size() / 2**20 if cache is not None else 0.0,
+        "cache_mib": cache.nbytes / 2**20 if cache is not None else 0.0,
         "cache_shape": list(cache.shape) if cache is not None else None,
         "setup_s": setup,
     }
@@ -344,18 +344,20 @@ def format_table(rows: list[dict]) -> str:
 
 
 def notes(rows: list[dict]) -> list[str]:
-    out = [
-        f"{r['loop']}: {r['precision']}, {r['layout']}, {r['workers']} DataLoader workers"
-        for r in rows
-    ]
+    out = []
     for r in rows:
-        if "cache" in r:
-            shape = " x ".join(map(str, r["cache_shape"])) if r["cache_shape"] else "none"
+        line = f"{r['loop']}: {r['precision']}, {r['layout']}, "
+        if "cache" not in r:
             out.append(
-                f"{r['loop']}: decoded cache {r['cache']}, {r['cache_mib']:.1f} MiB (uint8 {shape});"
-                f" set-up with decoding {r['setup_s']:.1f} s, once per run (memory) or per"
-                " dataset (disk)"
+                line + f"every image decoded every step by {r['workers']} DataLoader workers"
             )
+            continue
+        shape = " x ".join(map(str, r["cache_shape"])) if r["cache_shape"] else "-"
+        out.append(
+            line + f"decoded cache {r['cache']}: {r['cache_mib']:.1f} MiB (uint8 {shape}),"
+            f" built by {r['workers']} workers in {r['setup_s']:.1f} s (set-up, untimed: once"
+            " per run in memory, once per dataset on disk)"
+        )
     return out
 
 

@@ -393,7 +393,7 @@ def _pitched_roof(
 def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     fw = rng.uniform(0.05, 0.075)  # fuselage half-width
     span = rng.uniform(0.38, 0.55)  # half-span
-    sweep = math.tan(rng.uniform(0.05, 0.6))
+    sweep = math.tan(rng.uniform(0.2, 0.65))
     root = rng.uniform(0.2, 0.3)
     tip = root * rng.uniform(0.3, 0.55)
     wx = rng.uniform(-0.02, 0.1)  # wing root position along the fuselage
@@ -431,7 +431,7 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
         for sign in (1.0, -1.0):
             engines.append(_ellipse(x, sign * y, 0.055, 0.022, 16))
 
-    frame, bbox = _place(rng, [body, *wings, *tails], s)
+    frame, bbox = _place(rng, [body, *wings, *tails], s, 0.4)
     img = _background(rng, s, bbox)
     if rng.random() < 0.7:  # apron with a taxi line
         _pad(img, rng, frame, (0.6, span + 0.05))
@@ -502,8 +502,9 @@ def _bridge(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
 def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     depth = rng.uniform(0.5, 0.95)
-    t = rng.uniform(0.11, 0.17)  # wing thickness
-    layout = str(rng.choice(["ring", "ring2", "E", "U", "H"]))
+    t = rng.uniform(0.14, 0.21)  # wing thickness
+    # Closed courtyards are the most palatial and the least like anything else here.
+    layout = str(rng.choice(["ring", "ring", "ring2", "ring2", "E", "U", "H"]))
     hx, hy = 0.5, depth / 2
     wings: list[tuple[float, float, float, float]] = []  # (cx, cy, w, h) in local units
     court: np.ndarray | None = None

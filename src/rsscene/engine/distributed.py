@@ -19,26 +19,27 @@ def world_size() -> int:
 
 @dataclass
 class Dist:
+    """This process's place in the torchrun job, and the collectives the trainer uses."""
+
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world > 1
+    # A process group was joined: under torchrun, even with one process (DDP, SyncBN and the
+    # collectives then run as with several).
+    enabled: bool = False
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (in place) of a tensor; a no-op in a single process."""
+        """Sum over ranks (in place) of a tensor; a no-op outside torchrun."""
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum over ranks (in place); a no-op in a single process."""
+        """Element-wise maximum over ranks (in place); a no-op outside torchrun."""
         if self.enabled:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
@@ -75,9 +76,9 @@ class Dist:
 
 
 def setup(device_type: str) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); NCCL on CUDA, Gloo on CPU."""
+    """Join the process group torchrun describes; NCCL on CUDA, Gloo on CPU."""
     world = world_size()
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Dist()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -87,7 +88,7 @@ def setup(device_type: str) -> Dist:
         device_id = torch.device("cuda", local_rank)
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=int(os.environ.get("RSSCENE_DIST_TIMEOUT_MIN", 10)))
-        store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+        store = next(dist.rendezvous("env://", timeout=timeout))[0]
         # torchrun keeps its store across --max-restarts: without a prefix of their own, the
         # restarted processes can read the dead ones' addresses and fail to connect.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -99,7 +100,7 @@ def setup(device_type: str) -> Dist:
             timeout=timeout,
             device_id=device_id,
         )
-    return Dist(rank, world, local_rank)
+    return Dist(rank, world, local_rank, enabled=True)
 
 
 def teardown() -> None:
