@@ -20,9 +20,11 @@ from rsscene.explain import explain, gradcam
 from rsscene.inference import Predictor
 from rsscene.models import MODELS, create_model
 
-# The two built-in classes a small network tells apart fastest; 96 px gives layer4 a 3x3 map.
+# Trained on 64 px zoomed-in crops, evaluated on whole 128 px scenes: the object keeps its
+# apparent size, training stays cheap, and layer4's map is 4x4 instead of 2x2.
 TRAINED = ("airplane", "stadium")
-SIZE = 96
+SIZE = 128
+TRAIN_SIZE = 64
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +38,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    """A ResNet-18 checkpoint trained for about 50 s of one CPU core on 120 built-in scenes."""
+    """A ResNet-18 checkpoint trained for about 35 s of one CPU core on 120 built-in scenes."""
     images, labels = [], []
     for label, cls in enumerate(TRAINED):
         for i in range(60):
@@ -46,12 +48,14 @@ def trained(tmp_path_factory) -> Path:
     x_all, y_all = torch.stack(images), torch.tensor(labels)
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=len(TRAINED), zero_init_residual=True)
-    epochs, batch = 10, 16
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    epochs, batch = 20, 16
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=0.05, total_steps=epochs * -(-len(x_all) // batch)
     )
-    augment = Augment(SIZE, scale=(0.5, 1.0))
+    augment = Augment(TRAIN_SIZE, scale=(0.25, 0.7))
     g = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
@@ -83,14 +87,14 @@ def _png(img: Image.Image) -> bytes:
 
 
 def _corner_scenes(cls: str, n: int) -> list[tuple[Image.Image, tuple[int, int, int, int]]]:
-    """``n`` scenes whose object sits off-centre on both axes and covers under 30% of them."""
+    """``n`` scenes whose object sits well off-centre on both axes, covering under 30%."""
     found = []
     seed = 5000
     while len(found) < n:
         seed += 1
         img, (x0, y0, x1, y1) = render_scene(cls, SIZE, np.random.default_rng(seed))
         off_x, off_y = abs((x0 + x1) / 2 / SIZE - 0.5), abs((y0 + y1) / 2 / SIZE - 0.5)
-        if off_x > 0.15 and off_y > 0.15 and (x1 - x0) * (y1 - y0) < 0.3 * SIZE**2:
+        if off_x > 0.2 and off_y > 0.2 and (x1 - x0) * (y1 - y0) < 0.3 * SIZE**2:
             found.append((img, (x0, y0, x1, y1)))
     return found
 
@@ -98,13 +102,14 @@ def _corner_scenes(cls: str, n: int) -> list[tuple[Image.Image, tuple[int, int, 
 def test_cam_mass_falls_on_the_object(trained):
     predictor = Predictor(trained)
     inside, area = [], []
-    for img, (x0, y0, x1, y1) in _corner_scenes("stadium", 10):
-        cam, idx, probs = explain(predictor, predictor.load(_png(img)), TRAINED.index("stadium"))
-        assert cam.shape == (SIZE, SIZE) and idx == 1 and probs.sum() == pytest.approx(1, abs=1e-5)
-        inside.append(float(cam[y0:y1, x0:x1].sum() / cam.sum().clamp(min=1e-12)))
-        area.append((x1 - x0) * (y1 - y0) / SIZE**2)
+    for label, cls in enumerate(TRAINED):
+        for img, (x0, y0, x1, y1) in _corner_scenes(cls, 10):
+            cam, idx, probs = explain(predictor, predictor.load(_png(img)), label)
+            assert cam.shape == (SIZE, SIZE) and idx == label
+            assert probs.sum() == pytest.approx(1, abs=1e-5)
+            inside.append(float(cam[y0:y1, x0:x1].sum() / cam.sum().clamp(min=1e-12)))
+            area.append((x1 - x0) * (y1 - y0) / SIZE**2)
     # Uniform attention would put mean(area) of the mass in the boxes; the object draws more.
-    print("CAMSTAT", np.mean(inside), np.mean(area), np.mean(inside) / np.mean(area))
     assert np.mean(inside) > 1.5 * np.mean(area), (inside, area)
 
 

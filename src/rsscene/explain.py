@@ -36,7 +36,7 @@ def find_layer(model: nn.Module, name: str | None = None) -> nn.Module:
     """The module called ``name`` (dotted, as in ``named_modules``); ``layer4`` by default."""
     name = name or DEFAULT_LAYER
     modules = dict(model.named_modules())
-    if not name or name not in modules:
+    if name not in modules:
         raise UserError(
             f"no layer {name!r} in this model; choose one of {', '.join(layer_choices(model))}"
             " (or any module inside them, e.g. layer4.1.conv2)"

@@ -365,6 +365,7 @@ class BatchLoader:
         workers: int = 0,
         device: torch.device | str = "cpu",
         strict: bool = False,
+        progress: bool = True,
     ) -> None:
         self.size = size
         self.device = torch.device(device)
@@ -385,7 +386,7 @@ class BatchLoader:
                 self.mode,
                 workers=workers,
                 strict=strict,
-                progress=sys.stderr.isatty(),
+                progress=progress and sys.stderr.isatty(),
             )
             # "auto" judged host memory; on the GPU the cache must also leave room to train, or
             # it stays on the host and batches are copied up.

@@ -118,6 +118,27 @@ def _shade(color: Color, factor: float) -> Color:
     return r, g, b
 
 
+def _luma(color: Sequence[float]) -> float:
+    return 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
+
+
+def _stand_out(color: Color, img: Image.Image, bbox: BBox, gap: float = 50.0) -> Color:
+    """Shift ``color``'s brightness away from that of the ground under ``bbox``.
+
+    Palettes overlap on purpose, but a grey plane on grey tarmac is nearly invisible at
+    64 px and makes the label guesswork; real objects are rarely that well camouflaged.
+    """
+    ground = _luma(np.asarray(img.crop(bbox), np.float32).reshape(-1, 3).mean(axis=0))
+    diff = _luma(color) - ground
+    if abs(diff) >= gap:
+        return color
+    # Go lighter unless there is no headroom (or the colour is already darker and can go on).
+    lighter = ground + gap <= 235 and (diff >= 0 or ground - gap < 20)
+    shift = (ground + gap if lighter else ground - gap) - _luma(color)
+    r, g, b = (int(min(255, max(0, round(c + shift)))) for c in color)
+    return r, g, b
+
+
 # ----------------------------------------------------------------------------- geometry
 
 
@@ -286,6 +307,8 @@ def _background(
     draw = ImageDraw.Draw(img)
 
     if rng.random() < 0.4:  # patchwork of fields on a rotated grid
+        fields = img.copy()
+        fdraw = ImageDraw.Draw(fields)
         frame = _Frame(rng.uniform(0, math.pi), s * rng.uniform(0.14, 0.32), rng.uniform(0, s, 2))
         n = math.ceil(1.5 * s / frame.scale)
         ij = np.stack(np.meshgrid(np.arange(-n, n), np.arange(-n, n)), -1).reshape(-1, 2) + 0.5
@@ -296,7 +319,10 @@ def _background(
             if rng.random() < 0.35:
                 continue
             parcel = _rect(cx, cy, rng.uniform(0.7, 1.0), rng.uniform(0.8, 1.0))
-            draw.polygon(_flat(frame(parcel)), fill=_pick(rng, FIELDS, 18))
+            fdraw.polygon(_flat(frame(parcel)), fill=_pick(rng, FIELDS, 18))
+        # Seen from altitude, crops differ subtly; full-strength parcels would out-shout objects.
+        img = Image.blend(img, fields, rng.uniform(0.35, 0.75))
+        draw = ImageDraw.Draw(img)
 
     for _ in range(int(rng.choice([0, 0, 1, 1, 2, 3]))):  # roads and tracks
         frame = _Frame(rng.uniform(0, math.pi), float(s), rng.uniform(0, s, 2))
@@ -304,11 +330,11 @@ def _background(
         width = max(2, int(s * rng.uniform(0.012, 0.045)))
         draw.line(_flat(line), fill=_pick(rng, PAVEMENT + GROUND[3:5], 10), width=width)
 
-    if rng.random() < 0.35:  # scattered small buildings, mostly sharing one street grid angle
+    if rng.random() < 0.3:  # scattered small buildings, mostly sharing one street grid angle
         angle = rng.uniform(0, math.pi)
         for _ in range(int(rng.integers(4, 22))):
             a = angle + (rng.normal(0, 0.6) if rng.random() < 0.3 else 0.0)
-            frame = _Frame(a, s * rng.uniform(0.02, 0.07), rng.uniform(0, s, 2))
+            frame = _Frame(a, s * rng.uniform(0.02, 0.05), rng.uniform(0, s, 2))
             pts = frame(_rect(0, 0, 1.0, rng.uniform(0.5, 1.0)))
             draw.polygon(_flat(pts), fill=_pick(rng, ROOFS, 14))
 
@@ -394,7 +420,7 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     fw = rng.uniform(0.05, 0.075)  # fuselage half-width
     span = rng.uniform(0.38, 0.55)  # half-span
     sweep = math.tan(rng.uniform(0.2, 0.65))
-    root = rng.uniform(0.2, 0.3)
+    root = rng.uniform(0.22, 0.32)
     tip = root * rng.uniform(0.3, 0.55)
     wx = rng.uniform(-0.02, 0.1)  # wing root position along the fuselage
 
@@ -444,8 +470,8 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     _shadow(img, canvas, _sun(rng, frame, rng.uniform(0.03, 0.08)), rng.uniform(0.3, 0.55))
 
     draw = ImageDraw.Draw(img)
-    paint = _pick(rng, PAINT, 12)
-    wing_c = paint if rng.random() < 0.6 else _pick(rng, PAINT, 12)
+    paint = _stand_out(_pick(rng, PAINT, 12), img, bbox)
+    wing_c = paint if rng.random() < 0.6 else _stand_out(_pick(rng, PAINT, 12), img, bbox)
     for p in wings + tails:
         draw.polygon(_flat(frame(p)), fill=wing_c)
     for e in engines:
@@ -480,7 +506,7 @@ def _bridge(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     draw = ImageDraw.Draw(img)
     span = _rect(0, 0, 2 * river * 1.1, 2 * hw)
     _shadow(img, [frame(span)], _sun(rng, frame, rng.uniform(0.04, 0.1)), rng.uniform(0.3, 0.5))
-    deck_c = _pick(rng, (*PAVEMENT, (170, 92, 62), (120, 138, 158)), 12)
+    deck_c = _stand_out(_pick(rng, (*PAVEMENT, (170, 92, 62), (120, 138, 158)), 12), img, bbox)
     draw.polygon(_flat(frame(deck)), fill=deck_c)
     rail = _shade(deck_c, rng.choice([0.7, 1.25]))
     for y in (-hw, hw):
@@ -529,9 +555,9 @@ def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
     outline = [_rect(*w) for w in wings]
     extent = [*outline, *([garden] if garden is not None else [])]
-    frame, bbox = _place(rng, extent, s)
+    frame, bbox = _place(rng, extent, s, 0.42)
     img = _background(rng, s, bbox)
-    if rng.random() < 0.5:  # gravel forecourt / grounds
+    if rng.random() < 0.3:  # gravel forecourt / grounds
         _pad(img, rng, frame, (0.55, hy + garden_d / 2 + 0.08))
     draw = ImageDraw.Draw(img)
 
@@ -555,7 +581,7 @@ def _palace(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
         # Mostly paved courts, so a palace ring is not a stadium's green-in-a-ring.
         court_c = _pick(rng, TURF if rng.random() < 0.3 else PAVEMENT[1:], 14)
         draw.polygon(_flat(frame(court)), fill=court_c)
-    roof = _pick(rng, ROOFS, 12)
+    roof = _stand_out(_pick(rng, ROOFS, 12), img, bbox)
     for w in wings:
         _pitched_roof(draw, frame, *w, roof)
     if rng.random() < 0.6:  # central pavilion, sometimes domed
@@ -630,7 +656,7 @@ def _ship(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
 
     _shadow(img, [frame(hull)], _sun(rng, frame, rng.uniform(0.01, 0.04)), rng.uniform(0.3, 0.5))
     draw = ImageDraw.Draw(img)
-    hull_c = _pick(rng, PAINT, 12)
+    hull_c = _stand_out(_pick(rng, PAINT, 12), img, bbox)
     draw.polygon(_flat(frame(hull)), fill=hull_c)
     deck = hull * np.array([0.96, 0.78])
     deck_c = _pick(rng, PAVEMENT + PAINT[:3] + ((150, 60, 50), (90, 110, 80)), 12)
@@ -672,7 +698,7 @@ def _stadium(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     draw = ImageDraw.Draw(img)
 
     if stands:
-        stand_c = _pick(rng, PAVEMENT + ROOFS[:2] + PAINT[3:5], 14)
+        stand_c = _stand_out(_pick(rng, PAVEMENT + ROOFS[:2] + PAINT[3:5], 14), img, bbox)
         draw.polygon(_flat(frame(outer)), fill=stand_c)
         for k in range(16):  # aisles between seating blocks
             ang = 2 * math.pi * k / 16
@@ -681,6 +707,8 @@ def _stadium(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
             _line(draw, frame(ray), _shade(stand_c, 0.75), frame.scale * 0.006)
     ta, tb = a - stands, b - stands
     track_c = _pick(rng, TRACK, 14)
+    if not stands:
+        track_c = _stand_out(track_c, img, bbox)
     draw.polygon(_flat(frame(_stadium_shape(ta, tb))), fill=track_c)
     lane = _jit(rng, (225, 225, 220), 10)
     for k in range(1, 4):

@@ -277,19 +277,21 @@ class Trainer:
         workers = default_workers() if cfg.workers is None else cfg.workers
         store = max(cfg.img_size, cfg.eval_size)
         self.train_data = BatchLoader(
-            self.split.train, store, cfg.cache, workers, self.device, cfg.strict
+            self.split.train, store, cfg.cache, workers, self.device, cfg.strict, self.dist.main
         )
         # Evaluation decodes into a store even with --cache none: an unreadable test image must
         # be left out and counted, not replaced by another as in training.
         eval_cache = "memory" if cfg.cache == "none" else cfg.cache
         self.eval_data = {
             "test": BatchLoader(
-                self.split.test, cfg.eval_size, eval_cache, workers, self.device, cfg.strict
+                self.split.test, cfg.eval_size, eval_cache, workers, self.device, cfg.strict,
+                self.dist.main,
             )
         }
         if self.split.val is not None:
             self.eval_data["val"] = BatchLoader(
-                self.split.val, cfg.eval_size, eval_cache, workers, self.device, cfg.strict
+                self.split.val, cfg.eval_size, eval_cache, workers, self.device, cfg.strict,
+                self.dist.main,
             )
         self.select = "val" if "val" in self.eval_data else "test"
         self.augment = Augment(

@@ -156,7 +156,9 @@ class MetricsMiddleware:
 class ModelWorker:
     """The one thread that runs the model, and the micro-batcher that feeds it."""
 
-    def __init__(self, predictor: Predictor, max_batch: int, wait_s: float, metrics: Metrics):
+    def __init__(
+        self, predictor: Predictor, max_batch: int, wait_s: float, metrics: Metrics
+    ) -> None:
         self.predictor = predictor
         self.max_batch = max_batch
         self.wait_s = wait_s

@@ -1,0 +1,323 @@
+"""``rsscene serve``: the API in-process, bad input as 4xx, a real process, a browser, load."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from PIL import Image
+
+from rsscene import checkpoint
+from rsscene.cli import main
+from rsscene.data.synthetic import CLASSES, image_rng, render_scene
+from rsscene.data.transforms import MEAN, STD
+from rsscene.models import create_model
+
+fastapi = pytest.importorskip("fastapi", reason="serving needs the serve extra (rsscene[serve])")
+from fastapi.testclient import TestClient  # noqa: E402 - after the skip
+
+from rsscene.serve.app import create_app  # noqa: E402
+
+ROOT = Path(__file__).parents[1]
+SIZE = 64
+MAX_BYTES = 300_000
+MAX_FILES = 4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A random-init ResNet-18 at 64 px: serving does not care what the weights learned."""
+    torch.manual_seed(0)
+    payload = {
+        "model": create_model("resnet18", num_classes=len(CLASSES)).state_dict(),
+        "arch": "resnet18",
+        "variant": "v1.5",
+        "class_names": list(CLASSES),
+        "preprocess": {"size": SIZE, "mean": list(MEAN), "std": list(STD)},
+        "config": {},
+    }
+    return checkpoint.save(payload, tmp_path_factory.mktemp("serve") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def client(ckpt):
+    app = create_app(ckpt, max_bytes=MAX_BYTES, max_files=MAX_FILES, batch_wait_ms=20)
+    # As a context manager so the lifespan (the model thread and batcher) runs; a 500 raises.
+    with TestClient(app) as c:
+        yield c
+
+
+def _png(seed: int = 0, size: int = SIZE) -> bytes:
+    img, _ = render_scene(CLASSES[seed % len(CLASSES)], max(size, 32), image_rng(2, 0, seed))
+    buf = io.BytesIO()
+    img.resize((size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height``: a decompression bomb's signature."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _check_predictions(body: dict, names: list[str]) -> None:
+    assert [p["file"] for p in body["predictions"]] == names
+    for p in body["predictions"]:
+        probs = [t["probability"] for t in p["top"]]
+        assert len(probs) == 5 and probs == sorted(probs, reverse=True)
+        assert sum(probs) == pytest.approx(1, abs=1e-4)
+        assert {t["class"] for t in p["top"]} == set(CLASSES)
+
+
+def test_predict_multipart_and_json(client):
+    r = client.post("/predict", files={"file": ("a.png", _png(0))})
+    assert r.status_code == 200
+    _check_predictions(r.json(), ["a.png"])
+
+    files = [("files", (f"{i}.png", _png(i))) for i in range(3)]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 200
+    _check_predictions(r.json(), ["0.png", "1.png", "2.png"])
+    # The same image alone and in a batch gets the same answer.
+    alone = client.post("/predict", files={"file": ("1.png", _png(1))}).json()
+    assert alone["predictions"][0] == r.json()["predictions"][1]
+
+    encoded = [base64.b64encode(_png(i)).decode() for i in range(2)]
+    r = client.post("/predict", json={"images": encoded})
+    assert r.status_code == 200
+    _check_predictions(r.json(), ["image0", "image1"])
+    r = client.post("/predict", json={"image": base64.encodebytes(_png(0)).decode()})  # wrapped
+    assert r.status_code == 200
+    _check_predictions(r.json(), ["image0"])
+
+
+def test_classes_health_page_and_metrics(client):
+    assert client.get("/classes").json() == {"classes": list(CLASSES)}
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "arch": "resnet18", "classes": 5, "input_size": SIZE}
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # no external assets
+
+    before = client.get("/metrics").json()
+    client.post("/predict", files=[("files", (f"{i}.png", _png(i))) for i in range(2)])
+    client.post("/predict", content=b"")
+    after = client.get("/metrics").json()
+    assert after["requests"] == before["requests"] + 3  # two posts and the first /metrics
+    assert after["images_predicted"] == before["images_predicted"] + 2
+    assert after["errors"] == before["errors"] + 1
+    assert after["status"]["400"] == before["status"].get("400", 0) + 1
+    assert after["model_calls"] >= 1 and after["latency_ms"]["p99"] >= after["latency_ms"]["p50"]
+
+
+def test_concurrent_requests_share_model_calls(client):
+    before = client.get("/metrics").json()
+    data = _png(3)
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(
+            pool.map(
+                lambda i: client.post("/predict", files={"file": (f"{i}.png", data)}), range(8)
+            )
+        )
+    assert all(r.status_code == 200 for r in responses)
+    after = client.get("/metrics").json()
+    assert after["images_predicted"] - before["images_predicted"] == 8
+    assert after["model_calls"] - before["model_calls"] < 8
+
+
+def _chunks():
+    for _ in range(8):
+        yield b"x" * 50_000
+
+
+BAD_REQUESTS = {
+    "not an image": (422, {"files": {"file": ("notes.txt", b"hello, world " * 10)}}),
+    "corrupt image": (422, {"files": {"file": ("cut.png", _png(0)[:300])}}),
+    "empty file": (422, {"files": {"file": ("empty.png", b"")}}),
+    "empty body": (400, {"content": b""}),
+    "too large": (413, {"files": {"file": ("big.bin", b"\x00" * (MAX_BYTES + 1))}}),
+    "too large, chunked": (413, {"content": _chunks(), "headers": {"content-type": "image/png"}}),
+    "decompression bomb": (422, {"files": {"file": ("bomb.png", _png_header(20_000, 20_000))}}),
+    "too many files": (413, {"files": [("files", (f"{i}.png", b"x")) for i in range(5)]}),
+    "malformed JSON": (
+        400,
+        {"content": b"{'images': [", "headers": {"content-type": "application/json"}},
+    ),
+    "bad base64": (400, {"json": {"images": ["not base64!"]}}),
+    "wrong JSON": (400, {"json": {"pictures": []}}),
+    "no images": (400, {"json": {"images": []}}),
+    "text field": (400, {"data": {"file": "a.png"}, "files": {"other": ("x", b"x")}}),
+    "other content type": (415, {"content": b"abc", "headers": {"content-type": "text/plain"}}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_4xx_json(client, case):
+    status, kwargs = BAD_REQUESTS[case]
+    r = client.post("/predict", **kwargs)
+    assert r.status_code == status, r.text
+    assert isinstance(r.json()["error"], str) and r.json()["error"]
+    if case == "decompression bomb":
+        assert "decompression bomb" in r.json()["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_cam_endpoint(client):
+    r = client.post("/cam", files={"file": ("a.png", _png(0))})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (SIZE, SIZE)
+    r = client.post("/cam?format=json&class=ship", files={"file": ("a.png", _png(0))})
+    body = r.json()
+    assert r.status_code == 200 and body["class"] == "ship" and 0 <= body["probability"] <= 1
+    assert base64.b64decode(body["png"]).startswith(b"\x89PNG")
+    assert client.post("/cam?class=forest", files={"file": ("a.png", _png(0))}).status_code == 422
+    two = [("files", (f"{i}.png", _png(i))) for i in range(2)]
+    assert client.post("/cam", files=two).status_code == 413
+    assert client.post("/cam", files={"file": ("x.txt", b"text")}).status_code == 422
+
+
+def test_serve_without_its_dependencies(ckpt, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
+    assert main(["serve", str(ckpt)]) == 2
+    assert 'pip install "rsscene[serve]"' in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """``python -m rsscene serve`` as a real process; yields its base URL."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rsscene", "serve", str(ckpt), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, f"server exited: {log.seek(0) or log.read()}"
+            assert time.monotonic() < deadline, "server did not come up in 90 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_real_server_process(server):
+    r = httpx.post(f"{server}/predict", files={"file": ("a.png", _png(0))}, timeout=30)
+    assert r.status_code == 200
+    _check_predictions(r.json(), ["a.png"])
+
+
+def _chromium() -> tuple[str, str] | None:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.mark.skipif(
+    _chromium() is None,
+    reason="browser test needs Chromium and ChromeDriver"
+    " (apt-get install -y chromium chromium-driver) and selenium (pip install selenium)",
+)
+def test_web_page_in_headless_chromium(server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,640",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    image = tmp_path / "scene.png"
+    image.write_bytes(_png(4))
+    expected = httpx.post(f"{server}/predict", files={"file": ("scene.png", _png(4))}).json()
+    best = expected["predictions"][0]["top"][0]["class"]
+
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(driver_path))
+    try:
+        driver.get(server + "/")
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: d.find_element(By.ID, "best").text == best)
+        rows = driver.find_elements(By.CSS_SELECTOR, "#top .row")
+        assert len(rows) == 5 and rows[0].find_element(By.CLASS_NAME, "name").text == best
+        wait.until(lambda d: d.find_element(By.ID, "cam").get_attribute("src").startswith("blob:"))
+        assert driver.find_element(By.ID, "error").text == ""
+        # Set RSSCENE_SCREENSHOT=docs/serve.png to refresh the README's picture.
+        if os.environ.get("RSSCENE_SCREENSHOT"):
+            wait.until(lambda d: d.execute_script("return document.getElementById('cam').complete"))
+            driver.save_screenshot(os.environ["RSSCENE_SCREENSHOT"])
+    finally:
+        driver.quit()
+
+
+def test_load_benchmark_smoke():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "serve_load.py"),
+            "--requests",
+            "20",
+            "--concurrency",
+            "4",
+            "--img-size",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5xx: 0" in result.stdout and "PASS" in result.stdout
