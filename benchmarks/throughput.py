@@ -69,6 +69,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps (and batches) first")
     p.add_argument("--infer-batches", type=int, help="timed inference batches (default --steps)")
     p.add_argument("--workers", type=int, default=default_workers(), help="for (b) and (c)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="count wall seconds (default) or each loop's own CPU seconds, which other work on a"
+        " shared CPU cannot inflate (with --threads 1 --workers 0, or workers' time is missed)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads per loop (default torch's)")
     p.add_argument("--loops", default="abc", help="which loops to run (default abc)")
     p.add_argument("--scenes", type=int, help="generated scenes (default: enough for the steps)")
@@ -94,22 +101,33 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def clocks() -> tuple[float, float]:
+    """Wall and CPU seconds: the CPU time of this process is what other processes cannot steal."""
+    return time.perf_counter(), time.process_time()
+
+
+def rates(images: int, start: tuple[float, float]) -> dict[str, float]:
+    """Images per wall second and per CPU second since ``start``."""
+    spent = [max(now - then, 1e-9) for now, then in zip(clocks(), start, strict=True)]
+    return {"wall": images / spent[0], "cpu": images / spent[1]}
+
+
 def images_per_s(
     batches: Iterator[Any],
     step: Callable[[Any], int],
     warmup: int,
     steps: int,
     device: torch.device,
-) -> float:
+) -> dict[str, float]:
     """Run ``step`` (which returns its batch's image count) ``warmup`` times, then time ``steps``."""
     for _ in range(warmup):
         step(next(batches))
     synchronize(device)
-    start, seen = time.perf_counter(), 0
+    start, seen = clocks(), 0
     for _ in range(steps):
         seen += step(next(batches))
     synchronize(device)
-    return seen / (time.perf_counter() - start)
+    return rates(seen, start)
 
 
 def forever(loader: DataLoader) -> Iterator[Any]:
@@ -208,12 +226,23 @@ def torchvision_loop(args: argparse.Namespace, device: torch.device, reference: 
 
 # --------------------------------------------------------------------------- (c)
 class StepsTrainer(Trainer):
-    """A real Trainer whose epochs are cut to a given number of steps: epoch 0 warms up,
-    epoch 1 is timed by the Trainer's own images/s."""
+    """A real Trainer whose epochs are cut to a given number of steps (epoch 0 warms up,
+    epoch 1 is timed), with each epoch's pass over its batches timed."""
 
     def __init__(self, cfg: TrainConfig, steps: list[int]) -> None:
         self.steps = steps
+        self.epoch_rates: list[dict[str, float]] = []
         super().__init__(cfg, log=lambda *_: None)
+        batches = self.train_data.batches
+
+        # From the first batch's fetch to the end of the last step: the Trainer's own span for
+        # its images/s, and the only part of an epoch whose CPU time can be told apart.
+        def timed(order: list[list[int]]) -> Iterator[Any]:
+            start = clocks()
+            yield from batches(order)
+            self.epoch_rates.append(rates(sum(map(len, order)), start))
+
+        self.train_data.batches = timed
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         # Enough batches from successive permutations when one epoch of data is too short.
@@ -273,16 +302,16 @@ def rsscene_loop(args: argparse.Namespace, device: torch.device, work: Path) -> 
             channels_last=trainer.cfg.channels_last,
         )
 
+    train = trainer.epoch_rates[1]
     infer(args.warmup)
     synchronize(device)
-    start = time.perf_counter()
+    start = clocks()
     infer(args.infer_batches, args.warmup * args.batch_size)
     synchronize(device)
-    infer_rate = args.infer_batches * args.batch_size / (time.perf_counter() - start)
     cache = data.cache.images if data.cache is not None else None
     return {
-        "train": trainer.state.history[-1]["images_per_s"],
-        "infer": infer_rate,
+        "train": train,
+        "infer": rates(args.infer_batches * args.batch_size, start),
         "precision": str(trainer.amp or torch.float32).removeprefix("torch."),
         "layout": "channels_last" if trainer.cfg.channels_last else "NCHW",
         "workers": args.workers,
@@ -308,21 +337,24 @@ def run_loop(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- the table
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], clock: str) -> str:
+    """A markdown table of images per ``clock`` second ("wall" or "cpu") and ratios to (a)."""
     base = next((r for r in rows if r["loop"] == LOOPS["a"]), None)
-    header = ["loop", "train img/s", "infer img/s", "train x(a)", "infer x(a)", "peak RSS MiB"]
+    unit = "img/s" if clock == "wall" else "img/CPU-s"
+    header = ["loop", f"train {unit}", f"infer {unit}", "train x(a)", "infer x(a)", "peak RSS MiB"]
     lines = []
     for r in rows:
+        train, infer = r["train"][clock], r["infer"][clock]
         ratio = (
-            (f"{r['train'] / base['train']:.2f}", f"{r['infer'] / base['infer']:.2f}")
+            (f"{train / base['train'][clock]:.2f}", f"{infer / base['infer'][clock]:.2f}")
             if base
             else ("-", "-")
         )
         lines.append(
             [
                 r["loop"],
-                f"{r['train']:.1f}",
-                f"{r['infer']:.1f}",
+                f"{train:.1f}",
+                f"{infer:.1f}",
                 *ratio,
                 f"{r['peak_rss_mib']:.0f}",
             ]
@@ -348,9 +380,8 @@ def notes(rows: list[dict]) -> list[str]:
     for r in rows:
         line = f"{r['loop']}: {r['precision']}, {r['layout']}, "
         if "cache" not in r:
-            out.append(
-                line + f"every image decoded every step by {r['workers']} DataLoader workers"
-            )
+            by = f"{r['workers']} DataLoader workers" if r["workers"] else "the training process"
+            out.append(line + f"every image decoded every step by {by}")
             continue
         shape = " x ".join(map(str, r["cache_shape"])) if r["cache_shape"] else "-"
         out.append(
@@ -407,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "device": f"{device} ({device_name(device)}, {len(os.sched_getaffinity(0))} CPUs)",
         "threads": args.threads or torch.get_num_threads(),
+        "clock": args.clock,
         "steps": args.steps,
         "warmup": args.warmup,
         "infer_batches": args.infer_batches,
@@ -414,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": str(torch.__version__),
     }
     print(", ".join(f"{k} {v}" for k, v in settings.items()))
-    print(format_table(rows))
+    print(format_table(rows, args.clock))
     for line in notes(rows):
         print(f"  {line}")
     if args.json:

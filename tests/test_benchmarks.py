@@ -29,7 +29,8 @@ def test_throughput_tiny(tmp_path):
         "(c) rsscene",
     ]
     rows = json.loads(out.read_text())["rows"]
-    assert all(r["train"] > 0 and r["infer"] > 0 and r["peak_rss_mib"] > 0 for r in rows)
+    for r in rows:
+        assert min(*r["train"].values(), *r["infer"].values(), r["peak_rss_mib"]) > 0
     rsscene = rows[2]
     assert rsscene["cache"] == "memory"
     assert rsscene["cache_shape"] == [10, 3, 32, 32]  # stored at the training size, no larger

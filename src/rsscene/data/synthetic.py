@@ -470,7 +470,9 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     _shadow(img, canvas, _sun(rng, frame, rng.uniform(0.03, 0.08)), rng.uniform(0.3, 0.55))
 
     draw = ImageDraw.Draw(img)
-    paint = _stand_out(_pick(rng, PAINT, 12), img, bbox)
+    # Most aircraft are painted light; dark ones stay possible but rarer.
+    paint = _pick(rng, PAINT[:3] if rng.random() < 0.55 else PAINT, 12)
+    paint = _stand_out(paint, img, bbox)
     wing_c = paint if rng.random() < 0.6 else _stand_out(_pick(rng, PAINT, 12), img, bbox)
     for p in wings + tails:
         draw.polygon(_flat(frame(p)), fill=wing_c)
