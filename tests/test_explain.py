@@ -20,20 +20,13 @@ from rsscene.explain import explain, gradcam
 from rsscene.inference import Predictor
 from rsscene.models import MODELS, create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Trained on 64 px zoomed-in crops, evaluated on whole 128 px scenes: the object keeps its
 # apparent size, training stays cheap, and layer4's map is 4x4 instead of 2x2.
 TRAINED = ("airplane", "stadium")
 SIZE = 128
 TRAIN_SIZE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On two shared cores one thread runs several times faster than two fighting threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

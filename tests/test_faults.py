@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,17 +23,10 @@ from rsscene.data.transforms import Augment
 from rsscene.errors import UserError
 from test_images import encode, noise, tiny_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = ["--epochs", "1", "--batch-size", "8", "--img-size", "32", "--eval-size", "32"]
 TINY += ["--device", "cpu", "--workers", "0", "--amp", "off"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:

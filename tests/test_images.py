@@ -7,7 +7,6 @@ import json
 import logging
 import struct
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +25,9 @@ from rsscene.data.transforms import MEAN, STD
 from rsscene.inference import Predictor
 from rsscene.models import create_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ["bridge", "forest", "lake"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from intra-op threads, and lose a lot on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def encode(img: Image.Image, fmt: str, **options) -> bytes:
