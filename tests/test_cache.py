@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -175,19 +176,17 @@ def _train(split: Path, out: Path, cache: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture
-def quiet_process():
-    """One compute thread (the CPU is shared: waiting threads cost far more than they add),
-    and the process-wide switch ``--deterministic`` turns on put back for the other tests."""
-    threads = torch.get_num_threads()
+def restore_determinism() -> Iterator[None]:
+    """``--deterministic`` turns on a process-wide switch; put it back for the other tests."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
-def test_cached_and_uncached_training_reach_the_same_weights(split, tmp_path, quiet_process):
+def test_cached_and_uncached_training_reach_the_same_weights(
+    split, tmp_path, one_thread, restore_determinism
+):
     uncached = _train(split, tmp_path / "none", "none")
     for cache in ("memory", "disk"):
         cached = _train(split, tmp_path / cache, cache)

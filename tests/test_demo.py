@@ -10,8 +10,22 @@ from pathlib import Path
 
 def test_demo_ends_with_its_accuracy_line(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "rsscene", "demo", "--out", str(out), "--per-class", "12",
-           "--epochs", "1", "--img-size", "32", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rsscene",
+        "demo",
+        "--out",
+        str(out),
+        "--per-class",
+        "12",
+        "--epochs",
+        "1",
+        "--img-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -22,7 +36,11 @@ def test_demo_ends_with_its_accuracy_line(tmp_path: Path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    refused = subprocess.run([sys.executable, "-m", "rsscene", "demo", "--out", str(foreign)],
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        [sys.executable, "-m", "rsscene", "demo", "--out", str(foreign)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2 and "not an earlier demo" in refused.stderr
     assert (foreign / "notes.txt").read_text() == "keep me"

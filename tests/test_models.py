@@ -19,7 +19,13 @@ TORCHVISION_PARAMS = {
     "resnet101": 44_549_160,
     "resnet152": 60_192_808,
 }
-PAPER_GFLOPS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
+PAPER_GFLOPS = {
+    "resnet18": 1.8,
+    "resnet34": 3.6,
+    "resnet50": 3.8,
+    "resnet101": 7.6,
+    "resnet152": 11.3,
+}
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
@@ -73,7 +79,9 @@ def test_any_input_size_from_32_works(size: int) -> None:
 
 def test_zero_init_residual_zeroes_the_last_bn_of_each_block() -> None:
     model = create_model("resnet50", zero_init_residual=True)
-    assert all(b.bn3.weight.abs().sum() == 0 for layer in (model.layer1, model.layer4) for b in layer)
+    assert all(
+        b.bn3.weight.abs().sum() == 0 for layer in (model.layer1, model.layer4) for b in layer
+    )
     basic = create_model("resnet18", zero_init_residual=True)
     assert all(b.bn2.weight.abs().sum() == 0 for b in basic.layer2)
     assert create_model("resnet18").layer2[0].bn2.weight.abs().sum() > 0

@@ -69,7 +69,9 @@ def test_confusion_matrix_sums_to_test_images_and_recall_is_its_diagonal(
 def test_predict_prints_class_names(run: Path, split: Path, tmp_path: Path, capsys) -> None:
     image = next((split / "test" / "ship").iterdir())
     out = tmp_path / "preds.json"
-    assert main(["predict", str(run), str(image), str(split / "test" / "bridge"), "-o", str(out)]) == 0
+    assert (
+        main(["predict", str(run), str(image), str(split / "test" / "bridge"), "-o", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert str(image) in printed
     assert any(name in printed for name in ("airplane", "bridge", "palace", "ship", "stadium"))
@@ -104,7 +106,11 @@ def test_tutorial_flag_sets_the_tutorial_recipe(split: Path) -> None:
 
     cfg = build({"data": str(split), "tutorial": True, "epochs": 1})
     assert (cfg.arch, cfg.batch_size, cfg.img_size, cfg.optimizer, cfg.lr) == (
-        "resnet18", 32, 224, "adam", 5e-4
+        "resnet18",
+        32,
+        224,
+        "adam",
+        5e-4,
     )
     assert (cfg.amp, cfg.channels_last, cfg.cache, cfg.augment) == ("off", False, "none", "hflip")
     assert cfg.epochs == 1  # flags still override the recipe
@@ -132,8 +138,9 @@ def test_real_aid5_end_to_end_beats_chance(tmp_path: Path) -> None:
     split = tmp_path / "aid5"
     prepare(aid5, split, test_ratio=0.1, seed=0, mode="symlink")
     out = tmp_path / "run"
-    cfg = tiny_config(split, out, img_size=32, eval_size=32, batch_size=32, amp="auto",
-                      deterministic=False)
+    cfg = tiny_config(
+        split, out, img_size=32, eval_size=32, batch_size=32, amp="auto", deterministic=False
+    )
     _, report = train(cfg, log=lambda *_: None)
     assert report["test"]["images"] == 163
     evaluated = evaluate_checkpoint(out / "last.pt", split)

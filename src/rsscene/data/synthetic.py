@@ -196,7 +196,11 @@ def _frame_angle(frame: _Frame) -> float:
 def _place(
     rng: np.random.Generator, parts: Sequence[np.ndarray], s: int, lo: float = 0.35, hi: float = 0.6
 ) -> tuple[_Frame, BBox]:
-    """Pick a random angle, a scale giving ``lo..hi`` of the canvas, and a position inside it."""
+    """Choose a random angle, scale and position for an object made of ``parts``.
+
+    The rotated object's longest side spans ``lo..hi`` of the canvas and it stays inside a
+    small margin; returns the frame and the object's box in canvas pixels.
+    """
     pts = np.concatenate(parts)
     angle = rng.uniform(0.0, 2 * math.pi)
     unit = _Frame(angle, 1.0, np.zeros(2))(pts)
@@ -258,7 +262,7 @@ def _paste_water(
     for poly in polys:
         mdraw.polygon(_flat(poly), fill=255)
     if bank and rng.random() < 0.6:
-        # A soft darker/lighter rim reads as a shoreline or embankment from above.
+        # A thin rim of sand, mud or stone reads as a shoreline or embankment from above.
         rim = mask.copy()
         rdraw = ImageDraw.Draw(rim)
         for poly in polys:
@@ -300,9 +304,8 @@ def _background(
     ``avoid`` is the object's box: background water is kept off it so the object never sits
     in a lake, but any other clutter may run underneath (the object is drawn on top).
     """
-    g = GROUND
-    c1 = _pick(rng, g, 14)
-    c2 = _pick(rng, g, 14) if rng.random() < 0.6 else _shade(c1, rng.uniform(0.8, 1.2))
+    c1 = _pick(rng, GROUND, 14)
+    c2 = _pick(rng, GROUND, 14) if rng.random() < 0.6 else _shade(c1, rng.uniform(0.8, 1.2))
     img = _texture(rng, s, c1, c2, rng.uniform(0.45, 0.75))
     draw = ImageDraw.Draw(img)
 
@@ -417,7 +420,7 @@ def _pitched_roof(
 
 
 def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
-    fw = rng.uniform(0.05, 0.075)  # fuselage half-width
+    fw = rng.uniform(0.055, 0.08)  # fuselage half-width
     span = rng.uniform(0.38, 0.55)  # half-span
     sweep = math.tan(rng.uniform(0.2, 0.65))
     root = rng.uniform(0.22, 0.32)
@@ -473,7 +476,8 @@ def _airplane(rng: np.random.Generator, s: int) -> tuple[Image.Image, BBox]:
     # Most aircraft are painted light; dark ones stay possible but rarer.
     paint = _pick(rng, PAINT[:3] if rng.random() < 0.55 else PAINT, 12)
     paint = _stand_out(paint, img, bbox)
-    wing_c = paint if rng.random() < 0.6 else _stand_out(_pick(rng, PAINT, 12), img, bbox)
+    # Wings usually match the fuselage: the cross-shaped silhouette is what says 'aircraft'.
+    wing_c = paint if rng.random() < 0.85 else _stand_out(_pick(rng, PAINT, 12), img, bbox)
     for p in wings + tails:
         draw.polygon(_flat(frame(p)), fill=wing_c)
     for e in engines:

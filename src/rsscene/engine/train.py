@@ -284,13 +284,23 @@ class Trainer:
         eval_cache = "memory" if cfg.cache == "none" else cfg.cache
         self.eval_data = {
             "test": BatchLoader(
-                self.split.test, cfg.eval_size, eval_cache, workers, self.device, cfg.strict,
+                self.split.test,
+                cfg.eval_size,
+                eval_cache,
+                workers,
+                self.device,
+                cfg.strict,
                 self.dist.main,
             )
         }
         if self.split.val is not None:
             self.eval_data["val"] = BatchLoader(
-                self.split.val, cfg.eval_size, eval_cache, workers, self.device, cfg.strict,
+                self.split.val,
+                cfg.eval_size,
+                eval_cache,
+                workers,
+                self.device,
+                cfg.strict,
                 self.dist.main,
             )
         self.select = "val" if "val" in self.eval_data else "test"
