@@ -29,7 +29,8 @@ def test_demo_ends_with_its_accuracy_line(tmp_path: Path) -> None:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
-    assert re.fullmatch(r"demo finished in \d+\.\d min: test accuracy \d+\.\d%", last), last
+    pattern = r"demo finished in \d+\.\d min: test accuracy \d+\.\d% \(\d+\.\d% with 8-way TTA\)"
+    assert re.fullmatch(pattern, last), last
     for path in ("run/curves.png", "run/eval/confusion.png", "run/last.pt", "split/split.json"):
         assert (out / path).is_file(), path
     # A second demo into the same folder replaces the first; a foreign folder is refused.
