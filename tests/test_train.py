@@ -158,3 +158,13 @@ def test_recipe_benchmark_runs_in_a_tiny_setting(capsys) -> None:
     assert module.main(["--epochs", "1", "--img-size", "32"]) == 0
     out = capsys.readouterr().out
     assert "tutorial (--tutorial)" in out and "rsscene default" in out and "time ratio" in out
+
+
+def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    prepare(scenes, split, test_ratio=0.2, val_ratio=0.2, seed=0)
+    _, report = train(tiny_config(split, tmp_path / "run", epochs=1), log=lambda *_: None)
+    assert report["best"]["split"] == "val"
+    assert "validation" in report["best"]["note"]
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert rows[0]["val_acc"] != ""

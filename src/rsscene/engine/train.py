@@ -282,27 +282,14 @@ class Trainer:
         # Evaluation decodes into a store even with --cache none: an unreadable test image must
         # be left out and counted, not replaced by another as in training.
         eval_cache = "memory" if cfg.cache == "none" else cfg.cache
+        held_out = {"test": self.split.test, "val": self.split.val}
         self.eval_data = {
-            "test": BatchLoader(
-                self.split.test,
-                cfg.eval_size,
-                eval_cache,
-                workers,
-                self.device,
-                cfg.strict,
-                self.dist.main,
+            name: BatchLoader(
+                images, cfg.eval_size, eval_cache, workers, self.device, cfg.strict, self.dist.main
             )
+            for name, images in held_out.items()
+            if images is not None
         }
-        if self.split.val is not None:
-            self.eval_data["val"] = BatchLoader(
-                self.split.val,
-                cfg.eval_size,
-                eval_cache,
-                workers,
-                self.device,
-                cfg.strict,
-                self.dist.main,
-            )
         self.select = "val" if "val" in self.eval_data else "test"
         self.augment = Augment(
             cfg.img_size,
