@@ -50,11 +50,6 @@ class ImageList:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def class_counts(self) -> list[int]:
-        return np.bincount(
-            np.asarray(self.labels, dtype=np.int64), minlength=len(self.classes)
-        ).tolist()
-
 
 def list_classes(folder: Path) -> list[str]:
     if not folder.is_dir():

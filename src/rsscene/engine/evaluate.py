@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rsscene.data.datasets import BatchLoader, chunks
+from rsscene.data.datasets import BatchLoader, chunks, find_eval_folder, list_images
 from rsscene.data.transforms import eval_batch, tta_logits
+from rsscene.errors import UserError
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -193,8 +194,6 @@ def evaluate_checkpoint(
     With ``tta`` the report also holds ``tta_accuracy`` (8 flips/rotations averaged).
     Unreadable images are left out and listed in ``skipped`` (``strict``: raise instead).
     """
-    from rsscene.data.datasets import find_eval_folder, list_images
-    from rsscene.errors import UserError
     from rsscene.inference import Predictor
 
     data = Path(data)
