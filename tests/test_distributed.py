@@ -125,7 +125,8 @@ def test_two_processes_write_one_run_that_a_single_process_evaluation_confirms(
 ) -> None:
     n_test = count_test_images(split)
     assert n_test % 2 == 1, "an odd test set gives the two ranks unequal shards"
-    output = run(torchrun(split, *TINY, "--epochs", "1", "--batch-size", "4"), cwd=tmp_path)
+    args = (*TINY, "--epochs", "1", "--batch-size", "4", "--optimizer", "sgd")
+    output = run(torchrun(split, *args), cwd=tmp_path)
 
     # The default folder runs/ARCH-TIMESTAMP: one for both ranks, written by rank 0 alone.
     assert [p.name for p in tmp_path.iterdir()] == ["runs"]
@@ -135,7 +136,7 @@ def test_two_processes_write_one_run_that_a_single_process_evaluation_confirms(
     assert "batch 4 (effective 8), lr 0.0125," in output
     config = json.loads((run_dir / "config.json").read_text())
     assert (config["world_size"], config["effective_batch"]) == (2, 8)
-    assert config["lr"] == pytest.approx(0.2 * 8 / 128)
+    assert config["lr"] == pytest.approx(0.1 * 8 / 64)  # SGD's lr follows the global batch
 
     report = json.loads((run_dir / "report.json").read_text())
     assert report["test"]["images"] == n_test
@@ -147,7 +148,9 @@ def test_two_processes_write_one_run_that_a_single_process_evaluation_confirms(
 
 def test_ddp_steps_equal_one_process_with_the_whole_batch(split: Path, tmp_path: Path) -> None:
     exact = ("--augment", "none", "--crop-scale", "1,1", "--jitter", "0", "--deterministic")
-    exact += ("--sync-bn", "--lr", "0.05", "--seed", "3", "--epochs", "1")
+    # SGD: Adam divides each update by the gradient's own size, which turns the last-bit
+    # differences of another summation order into visible ones for near-zero gradients.
+    exact += ("--sync-bn", "--optimizer", "sgd", "--lr", "0.05", "--seed", "3", "--epochs", "1")
     run(torchrun(split, *TINY, *exact, "--batch-size", "4", "--out", tmp_path / "ddp"))
     run(rsscene_train(split, *TINY, *exact, "--batch-size", "8", "--out", tmp_path / "one"))
 

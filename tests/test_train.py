@@ -116,6 +116,17 @@ def test_tutorial_flag_sets_the_tutorial_recipe(split: Path) -> None:
     assert cfg.epochs == 1  # flags still override the recipe
 
 
+def test_default_lr_and_weight_decay_follow_the_optimizer_and_global_batch() -> None:
+    from rsscene.config import TrainConfig, resolve
+
+    sgd = resolve(TrainConfig(optimizer="sgd", batch_size=32), "cpu", world=4)
+    assert (sgd.lr, sgd.weight_decay) == (pytest.approx(0.1 * 128 / 64), 5e-4)
+    adamw = resolve(TrainConfig(batch_size=32), "cpu", world=8)
+    assert (adamw.optimizer, adamw.lr, adamw.weight_decay) == ("adamw", pytest.approx(6e-3), 0.05)
+    given = resolve(TrainConfig(lr=0.01, weight_decay=0.0), "cpu", world=8)
+    assert (given.lr, given.weight_decay) == (0.01, 0.0)
+
+
 def test_config_file_sets_defaults_and_flags_override(split: Path, tmp_path: Path) -> None:
     from rsscene.config import build
 
@@ -148,16 +159,23 @@ def test_real_aid5_end_to_end_beats_chance(tmp_path: Path) -> None:
     assert evaluated["accuracy"] > 0.2
 
 
-def test_recipe_benchmark_runs_in_a_tiny_setting(capsys) -> None:
+def test_recipe_benchmark_runs_in_a_tiny_setting(capsys, tmp_path: Path) -> None:
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe.py"
     spec = importlib.util.spec_from_file_location("recipe_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--epochs", "1", "--img-size", "32"]) == 0
+    results = tmp_path / "results.json"
+    argv = ["--epochs", "1", "--img-size", "32", "--seeds", "2", "--ablation", "sgd"]
+    argv += ["--json", str(results)]
+    assert module.main(argv) == 0
     out = capsys.readouterr().out
     assert "tutorial (--tutorial)" in out and "rsscene default" in out and "time ratio" in out
+    runs = json.loads(results.read_text())
+    # The tutorial's recipe costs several default runs, so it gets its own (smaller) seed count.
+    assert [len(runs["tutorial (--tutorial)"]), len(runs["rsscene default"])] == [1, 2]
+    assert len(runs["SGD (Nesterov) instead of AdamW"]) == 2
 
 
 def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: Path) -> None:

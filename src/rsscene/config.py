@@ -40,10 +40,10 @@ class TrainConfig:
     batch_size: int = 64
     img_size: int | None = None
     eval_size: int | None = None
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     lr: float | None = None
     momentum: float = 0.9
-    weight_decay: float = 5e-4
+    weight_decay: float | None = None
     wd_norm_bias: bool = False
     schedule: str = "onecycle"
     warmup_epochs: float = 2.0
@@ -102,7 +102,16 @@ TUTORIAL = {
     "channels_last": False,
 }
 
-# Device-dependent defaults for the fields left at None: (epochs, train size, base lr).
+# Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
+# linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.1, "weight_decay": 5e-4, "scaling": "linear"},
+    "adamw": {"lr": 3e-3, "weight_decay": 0.05, "scaling": "sqrt"},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0, "scaling": "sqrt"},
+}
+REFERENCE_BATCH = 64
+
+# Device-dependent defaults for the fields left at None.
 DEVICE_DEFAULTS = {
     "cpu": {"epochs": 40, "img_size": 128},
     "gpu": {"epochs": 100, "img_size": 192},
@@ -187,14 +196,15 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < lo <= hi <= 1:
         raise UserError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
     for name in ("label_smoothing", "ema", "mixup", "cutmix", "jitter", "weight_decay"):
-        if getattr(cfg, name) < 0:
+        if (getattr(cfg, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.ema < 1:
         raise UserError("--label-smoothing and --ema must be in [0, 1)")
 
 
-def resolve(cfg: TrainConfig, device_type: str) -> TrainConfig:
-    """Fill the settings left at ``None`` for the device; returns a new config."""
+def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:
+    """Fill the settings left at ``None`` for the device and for ``world`` processes (each
+    with ``cfg.batch_size`` images a step); returns a new config."""
     kind = "gpu" if device_type in ("cuda", "mps") else "cpu"
     defaults = DEVICE_DEFAULTS[kind]
     cfg = dataclasses.replace(cfg)
@@ -208,7 +218,10 @@ def resolve(cfg: TrainConfig, device_type: str) -> TrainConfig:
         cfg.eval_size = (
             cfg.img_size if cfg.crop_scale == (1.0, 1.0) else (round(cfg.img_size * 1.25 / 16) * 16)
         )
+    optim = OPTIMIZER_DEFAULTS[cfg.optimizer]
+    if cfg.weight_decay is None:
+        cfg.weight_decay = optim["weight_decay"]
     if cfg.lr is None:
-        base = {"sgd": 0.2, "adamw": 2e-3, "adam": 1e-3}[cfg.optimizer]
-        cfg.lr = base * cfg.batch_size / 128
+        ratio = cfg.batch_size * world / REFERENCE_BATCH
+        cfg.lr = optim["lr"] * (ratio if optim["scaling"] == "linear" else ratio**0.5)
     return cfg

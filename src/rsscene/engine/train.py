@@ -256,10 +256,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.state = RunState()
         ckpt = checkpoint.load(resume) if resume else None
-        self.cfg = resolve(cfg, self.device.type)
-        if cfg.lr is None:
-            # resolve() scales by the per-process batch; a step averages over all processes'.
-            self.cfg.lr *= self.dist.world
+        # A step averages over all processes' batches, so the lr follows the global batch.
+        self.cfg = resolve(cfg, self.device.type, world=self.dist.world)
         cfg = self.cfg
         self.amp = amp_dtype(cfg.amp, self.device)
         if cfg.deterministic:
