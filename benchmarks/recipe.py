@@ -2,6 +2,7 @@
 
     python benchmarks/recipe.py --data ../shared/data/aid5 --seeds 3
     python benchmarks/recipe.py --data ../shared/data/aid5 --ablation      # one row per part off
+    python benchmarks/recipe.py --data ../shared/data/aid5 --ablation sgd crop   # some parts
 
 DATA may be a raw one-folder-per-class dataset (split here with ``--test-ratio 0.1
 --seed 0``, as the README's figures are) or an already prepared split. Both recipes train
@@ -28,15 +29,16 @@ from rsscene.engine.train import train
 
 # Each row switches one part of the default recipe off (or back to the tutorial's choice).
 ABLATIONS = {
-    "no 90-degree rotations (flips only)": {"augment": "hflip"},
-    "no random resized crop": {"crop_scale": (1.0, 1.0)},
-    "no label smoothing": {"label_smoothing": 0.0},
-    "no colour jitter": {"jitter": 0.0},
-    "no zero-init residual": {"zero_init_residual": False},
-    "weight decay on norm and bias": {"wd_norm_bias": True},
-    "cosine instead of one-cycle": {"schedule": "cosine"},
-    "test at the train resolution": {"eval_size": "train"},
-    "float32, NCHW": {"amp": "off", "channels_last": False},
+    "sgd": ("SGD (Nesterov) instead of AdamW", {"optimizer": "sgd"}),
+    "rotations": ("no 90-degree rotations (flips only)", {"augment": "hflip"}),
+    "crop": ("no random resized crop", {"crop_scale": (1.0, 1.0)}),
+    "smoothing": ("no label smoothing", {"label_smoothing": 0.0}),
+    "jitter": ("no colour jitter", {"jitter": 0.0}),
+    "zero-init": ("no zero-init residual", {"zero_init_residual": False}),
+    "wd-norm": ("weight decay on norm and bias", {"wd_norm_bias": True}),
+    "cosine": ("cosine instead of one-cycle", {"schedule": "cosine"}),
+    "eval-size": ("test at the train resolution", {"eval_size": "train"}),
+    "fp32": ("float32, NCHW", {"amp": "off", "channels_last": False}),
 }
 
 
@@ -76,11 +78,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="raw class folders or a split (default: scenes)")
     parser.add_argument("--seeds", type=int, default=1, help="repeat with seeds 0..N-1")
+    parser.add_argument(
+        "--tutorial-seeds",
+        type=int,
+        default=1,
+        help="seeds for the tutorial's recipe, which costs several default runs (default 1)",
+    )
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--epochs", type=int, help="override both recipes' epochs (smoke tests)")
     parser.add_argument("--img-size", type=int, help="override both recipes' sizes (smoke tests)")
     parser.add_argument("--skip-tutorial", action="store_true", help="default recipe only")
-    parser.add_argument("--ablation", action="store_true", help="add one row per part switched off")
+    parser.add_argument(
+        "--ablation",
+        nargs="*",
+        choices=sorted(ABLATIONS),
+        metavar="PART",
+        help=f"add one row per part switched off: all, or some of {', '.join(ABLATIONS)}",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--workdir", type=Path, help="keep runs here (default: a temp folder)")
     args = parser.parse_args(argv)
@@ -93,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {"rsscene default": dict(common)}
     if not args.skip_tutorial:
         recipes = {"tutorial (--tutorial)": {**common, "tutorial": True}, **recipes}
-    if args.ablation:
-        for name, change in ABLATIONS.items():
+    if args.ablation is not None:
+        for key in args.ablation or ABLATIONS:
+            name, change = ABLATIONS[key]
             recipes[name] = {**common, **change}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         split = split_dataset(args.data, workdir)
         results: dict[str, list[dict]] = {}
         for name, settings in recipes.items():
-            for seed in range(args.seeds):
+            seeds = args.tutorial_seeds if settings.get("tutorial") else args.seeds
+            for seed in range(seeds):
                 slug = name.split(" (")[0].replace(" ", "-").replace(",", "")
                 result = run_one(split, workdir / f"{slug}-s{seed}", settings, seed)
                 results.setdefault(name, []).append(result)
@@ -115,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     base = results.get("tutorial (--tutorial)")
     width = max(len(n) for n in results)
     print(
-        f"\n{args.arch} on {args.data or 'built-in scenes'}, {args.seeds} seed(s);"
-        " final-epoch test accuracy, mean ± sd"
+        f"\n{args.arch} on {args.data or 'built-in scenes'};"
+        " final-epoch test accuracy, mean ± sd over the seeds"
     )
-    print(f"{'recipe':<{width}}  accuracy         TTA      time (s)  time ratio  acc. diff")
+    print(f"{'recipe':<{width}}  seeds  accuracy         TTA      time (s)  time ratio  acc. diff")
     for name, runs in results.items():
         acc, acc_sd = summary(runs, "accuracy")
         tta, _ = summary(runs, "tta")
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{secs / summary(base, 'seconds')[0]:.2f}" if base else "-"
         diff = f"{100 * (acc - summary(base, 'accuracy')[0]):+.1f} pt" if base else "-"
         print(
-            f"{name:<{width}}  {100 * acc:5.1f} ± {100 * acc_sd:3.1f}%  {100 * tta:5.1f}%"
+            f"{name:<{width}}  {len(runs):>5}  {100 * acc:5.1f} ± {100 * acc_sd:3.1f}%  {100 * tta:5.1f}%"
             f"  {secs:8.0f}  {ratio:>10}  {diff:>9}"
         )
     if args.json:
