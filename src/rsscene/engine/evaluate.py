@@ -54,16 +54,17 @@ def predict(
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(loader.device, amp_dtype):
             logits = tta_logits(model, x) if tta else model(x)
-        out.append(logits.float().cpu())
-        labels.append(batch.labels.cpu())
-        index.append(batch.index.cpu())
+        # Kept on the device until the end: a copy to the CPU per batch would wait for the GPU.
+        out.append(logits.float())
+        labels.append(batch.labels)
+        index.append(batch.index)
     if not out:
         return Predictions(
             torch.empty(0, len(loader.classes)),
             torch.empty(0, dtype=torch.long),
             torch.empty(0, dtype=torch.long),
         )
-    return Predictions(torch.cat(out), torch.cat(labels), torch.cat(index))
+    return Predictions(torch.cat(out).cpu(), torch.cat(labels).cpu(), torch.cat(index).cpu())
 
 
 def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
