@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from rsscene import __version__
+from rsscene.config import AMP_MODES, AUGMENTS, OPTIMIZER_DEFAULTS, SCHEDULES
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
@@ -182,15 +183,16 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     arg("--batch-size", type=positive_int, help="per process")
     arg("--img-size", type=positive_int, help="training resolution")
     arg("--eval-size", type=positive_int, help="test resolution")
-    arg("--optimizer", choices=["sgd", "adamw", "adam"], help="default adamw")
+    arg("--optimizer", choices=list(OPTIMIZER_DEFAULTS), help="default adamw")
     arg("--lr", type=float, help="peak learning rate (default scales with the batch)")
     arg("--momentum", type=float)
-    arg("--weight-decay", type=float, help="default: adamw 0.05, sgd 5e-4, adam 0")
+    wd = ", ".join(f"{name} {d['weight_decay']:g}" for name, d in OPTIMIZER_DEFAULTS.items())
+    arg("--weight-decay", type=float, help=f"default: {wd}")
     arg("--wd-norm-bias", action=bool_flag, help="weight decay on norm and bias too")
-    arg("--schedule", choices=["onecycle", "cosine", "constant"])
+    arg("--schedule", choices=SCHEDULES)
     arg("--warmup-epochs", type=float)
     arg("--label-smoothing", type=float)
-    arg("--augment", choices=["dihedral", "hflip", "none"])
+    arg("--augment", choices=AUGMENTS)
     arg("--crop-scale", type=two_floats, metavar="MIN,MAX", help="random resized crop area")
     arg("--jitter", type=float, help="colour jitter strength")
     arg("--mixup", type=float, help="mixup alpha (0 = off)")
@@ -202,7 +204,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     arg("--workers", type=int, help="decoding processes")
     arg("--device", help="auto, cpu, cuda, cuda:N or mps")
     arg("--cache", choices=["auto", "memory", "disk", "none"], help="decoded image store")
-    arg("--amp", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
+    arg("--amp", choices=AMP_MODES, help="mixed precision")
     arg("--channels-last", action=bool_flag)
     arg("--compile", action=bool_flag, help="torch.compile the model")
     arg("--deterministic", action=bool_flag, help="deterministic algorithms (slower)")

@@ -23,7 +23,6 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -110,6 +109,7 @@ OPTIMIZER_DEFAULTS = {
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "scaling": "sqrt"},
 }
 REFERENCE_BATCH = 64
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 
 # Device-dependent defaults for the fields left at None.
 DEVICE_DEFAULTS = {
