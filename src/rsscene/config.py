@@ -113,7 +113,7 @@ OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 
 # Device-dependent defaults for the fields left at None.
 DEVICE_DEFAULTS = {
-    "cpu": {"epochs": 40, "img_size": 128},
+    "cpu": {"epochs": 55, "img_size": 128},
     "gpu": {"epochs": 100, "img_size": 192},
 }
 
