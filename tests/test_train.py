@@ -101,6 +101,16 @@ def test_resume_refuses_another_arch(run: Path, capsys) -> None:
     assert "cannot resume" in capsys.readouterr().err
 
 
+def test_best_holds_weights_only_and_is_not_resumed(run: Path, capsys) -> None:
+    best = checkpoint.load(run / "best.pt")
+    assert "state" not in best
+    assert set(best["model"]) == set(checkpoint.load(run / "last.pt")["model"])
+    # AdamW keeps two moments per weight: the full state is about three times the weights.
+    assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
+    assert main(["train", "--resume", str(run / "best.pt")]) == 2
+    assert "holds weights only" in capsys.readouterr().err
+
+
 def test_tutorial_flag_sets_the_tutorial_recipe(split: Path) -> None:
     from rsscene.config import build
 

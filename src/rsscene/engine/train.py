@@ -5,7 +5,7 @@
     RUN/config.json   every resolved setting, class names, versions
     RUN/metrics.csv   one row per epoch
     RUN/last.pt       the latest state (weights, optimizer, schedule, progress)
-    RUN/best.pt       the epoch with the best accuracy on the selection split
+    RUN/best.pt       the weights of the epoch with the best accuracy on the selection split
     RUN/curves.png    loss and accuracy per epoch
     RUN/report.json   the final evaluation (plus confusion.json/.png, misclassified.csv)
 
@@ -339,6 +339,8 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict, path: str | Path) -> None:
         problems = []
+        if "state" not in ckpt:
+            problems.append("it holds weights only (a best.pt); resume from the run's last.pt")
         if ckpt["arch"] != self.cfg.arch or ckpt.get("variant", "v1.5") != self.cfg.variant:
             problems.append(
                 f"it is a {ckpt['arch']} {ckpt.get('variant')}, this run a"
@@ -443,22 +445,11 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.net
 
     # ----------------------------------------------------------------------- checkpoints
-    def payload(self) -> dict[str, Any]:
-        eval_weights = self.eval_model.state_dict()
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
-            "history": self.state.history,
-            "best": self.state.best,
-            "partial": self.state.partial,
-            "rng": torch.get_rng_state(),
-        }
-        if self.ema is not None:
-            state["model"] = self.net.state_dict()
-            state["ema"] = self.ema.state_dict()
-        return {
-            "model": eval_weights,
+    def payload(self, resumable: bool = True) -> dict[str, Any]:
+        """The checkpoint: weights and what inference needs, plus, when ``resumable``, the
+        optimizer, schedule and progress that ``--resume`` continues from."""
+        payload: dict[str, Any] = {
+            "model": self.eval_model.state_dict(),
             "arch": self.cfg.arch,
             "variant": self.cfg.variant,
             "class_names": self.classes,
@@ -473,11 +464,25 @@ class Trainer:
             "next_step": self.state.next_step,
             "world_size": self.dist.world,
             "versions": versions(),
-            "state": state,
         }
+        if not resumable:
+            return payload
+        state: dict[str, Any] = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "history": self.state.history,
+            "best": self.state.best,
+            "partial": self.state.partial,
+            "rng": torch.get_rng_state(),
+        }
+        if self.ema is not None:
+            state["model"] = self.net.state_dict()
+            state["ema"] = self.ema.state_dict()
+        return {**payload, "state": state}
 
-    def save(self, name: str) -> Path:
-        return checkpoint.save(self.payload(), self.run_dir / name)
+    def save(self, name: str, resumable: bool = True) -> Path:
+        return checkpoint.save(self.payload(resumable), self.run_dir / name)
 
     def write_files(self) -> None:
         from rsscene.plots import plot_curves
@@ -646,7 +651,9 @@ class Trainer:
         if main:
             self.save("last.pt")
             if improved:
-                self.save("best.pt")
+                # Weights only: a third of the size with AdamW's two moments, and a run is
+                # resumed from last.pt.
+                self.save("best.pt", resumable=False)
             self.write_files()
             val = f" val_acc {row['val_acc']:.4f}" if "val" in results else ""
             self.log(
