@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from rsscene import __version__
-from rsscene.config import AMP_MODES, AUGMENTS, OPTIMIZER_DEFAULTS, SCHEDULES
+from rsscene.config import AMP_MODES, AUGMENTS, OPTIMIZER_DEFAULTS, OPTIMIZERS, SCHEDULES
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
@@ -183,7 +183,7 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     arg("--batch-size", type=positive_int, help="per process")
     arg("--img-size", type=positive_int, help="training resolution")
     arg("--eval-size", type=positive_int, help="test resolution")
-    arg("--optimizer", choices=list(OPTIMIZER_DEFAULTS), help="default adamw")
+    arg("--optimizer", choices=OPTIMIZERS, help="default adamw")
     arg("--lr", type=float, help="peak learning rate (default scales with the batch)")
     arg("--momentum", type=float)
     wd = ", ".join(f"{name} {d['weight_decay']:g}" for name, d in OPTIMIZER_DEFAULTS.items())

@@ -314,7 +314,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp == torch.float16 and self.device.type == "cuda"
         )
-        if ckpt is not None and "state" in ckpt:
+        if ckpt is not None:  # _check_resume refused checkpoints without state
             self._restore(ckpt)
         self.run_dir = (
             Path(resume)
