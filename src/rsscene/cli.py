@@ -193,7 +193,12 @@ def add_train(sub: argparse._SubParsersAction) -> None:
     arg("--warmup-epochs", type=float)
     arg("--label-smoothing", type=float)
     arg("--augment", choices=AUGMENTS)
-    arg("--crop-scale", type=two_floats, metavar="MIN,MAX", help="random resized crop area")
+    arg(
+        "--crop-scale",
+        type=two_floats,
+        metavar="MIN,MAX",
+        help="random resized crop area, e.g. 0.25,1 (default 1,1: the whole image)",
+    )
     arg("--jitter", type=float, help="colour jitter strength")
     arg("--mixup", type=float, help="mixup alpha (0 = off)")
     arg("--cutmix", type=float, help="cutmix alpha (0 = off)")

@@ -48,7 +48,7 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.1
     augment: str = "dihedral"
-    crop_scale: tuple[float, float] = (0.25, 1.0)
+    crop_scale: tuple[float, float] = (1.0, 1.0)
     jitter: float = 0.1
     mixup: float = 0.0
     cutmix: float = 0.0
