@@ -137,6 +137,17 @@ def test_default_lr_and_weight_decay_follow_the_optimizer_and_global_batch() -> 
     assert (given.lr, given.weight_decay) == (0.01, 0.0)
 
 
+def test_test_resolution_follows_the_crop() -> None:
+    from rsscene.config import TrainConfig, resolve
+
+    whole = resolve(TrainConfig(), "cpu")
+    assert (whole.crop_scale, whole.img_size, whole.eval_size) == ((1.0, 1.0), 128, 128)
+    # Crops zoom in during training, so the full test image is shown larger to match.
+    cropped = resolve(TrainConfig(crop_scale=(0.25, 1.0)), "cpu")
+    assert (cropped.img_size, cropped.eval_size) == (128, 160)
+    assert resolve(TrainConfig(crop_scale=(0.25, 1.0), eval_size=144), "cpu").eval_size == 144
+
+
 def test_config_file_sets_defaults_and_flags_override(split: Path, tmp_path: Path) -> None:
     from rsscene.config import build
 
