@@ -92,22 +92,23 @@ from rsscene.engine.train import Trainer
 split, work = sys.argv[1], sys.argv[2]
 cfg = build({"data": split, "epochs": 1, "img_size": 224, "batch_size": 128, "device": "cuda",
              "out": f"{work}/run-sync"})
-trainer = Trainer(cfg, log=lambda *_: None)
-batches = trainer.epoch_batches(0)
-steps = (batches * 3)[:24]
-trainer.epoch_batches = lambda epoch: steps
+trainer = Trainer.from_config(cfg, log=lambda *_: None)
+steps = (trainer.epoch_batches(0) * 3)[:24]
 calls = collections.Counter()
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
-    # One epoch of 24 steps, then its evaluation, the final one (plus 8-way TTA), checkpoints.
-    trainer.fit()
+    # 24 training steps, the test set's evaluation (plain and 8-way TTA), a checkpoint.
+    trainer.train_epoch(0, steps)
+    trainer.evaluate(trainer.data.test)
+    trainer.evaluate(trainer.data.test, tta=True)
+    trainer.save("last.pt")
     torch.cuda.set_sync_debug_mode(0)
 for w in caught:
     if "synchroniz" in str(w.message):
         calls[f"{w.filename.split('site-packages/')[-1]}:{w.lineno}"] += 1
 print(f"{sum(calls.values())} synchronising calls in 24 training steps, then evaluations of"
-      f" {len(trainer.eval_data['test'])} test images and checkpoints")
+      f" {len(trainer.data.test)} test images and a checkpoint")
 for where, n in calls.most_common():
     print(f"{n:5d}  {where}")
 EOF

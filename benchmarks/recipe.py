@@ -23,7 +23,7 @@ from pathlib import Path
 from rsscene.config import build
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
-from rsscene.engine.train import train
+from rsscene.engine.train import Trainer
 
 # Each row changes one part of the default recipe: switches it off, back to the tutorial's
 # choice, or (crop) to the candidate that the default left out.
@@ -55,7 +55,7 @@ def split_dataset(data: Path | None, workdir: Path) -> Path:
 def run_one(split: Path, out: Path, settings: dict, seed: int) -> dict:
     cfg = build({"data": str(split), "seed": seed, "out": str(out), **settings})
     started = time.perf_counter()
-    _, report = train(cfg, log=lambda *_: None)
+    report = Trainer.from_config(cfg, log=lambda *_: None).fit()
     return {
         "accuracy": report["test_accuracy"],
         "tta": report["test_accuracy_tta"],

@@ -28,8 +28,8 @@ import httpx
 import numpy as np
 
 from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.data.synthetic import CLASSES, image_rng, render_scene
-from rsscene.data.transforms import MEAN, STD
 from rsscene.models import create_model
 
 
@@ -58,15 +58,8 @@ def free_port() -> int:
 def random_checkpoint(path: Path, size: int) -> Path:
     """A random-init ResNet-18 over the built-in classes: what a trained one costs to serve."""
     model = create_model("resnet18", num_classes=len(CLASSES))
-    payload = {
-        "model": model.state_dict(),
-        "arch": "resnet18",
-        "variant": "v1.5",
-        "class_names": list(CLASSES),
-        "preprocess": {"size": size, "mean": list(MEAN), "std": list(STD)},
-        "config": {},
-    }
-    return checkpoint.save(payload, path)
+    record = Checkpoint(model.state_dict(), "resnet18", list(CLASSES), preprocess=Preprocess(size))
+    return checkpoint.save(record, path)
 
 
 def scene_pngs(size: int, n: int = 10) -> list[bytes]:
@@ -181,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="rsscene-load-") as tmp:
         if args.ckpt:
             ckpt = Path(args.ckpt)
-            size = args.img_size or int(checkpoint.load(ckpt)["preprocess"]["size"])
+            size = args.img_size or int(checkpoint.load(ckpt).preprocess.size)
         else:
             size = args.img_size or 128
             ckpt = random_checkpoint(Path(tmp) / "resnet18.pt", size)

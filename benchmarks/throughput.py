@@ -7,9 +7,9 @@
     DataLoader workers, RandomResizedCrop/flip/ToTensor/Normalize, autocast where the device
     has a fast low precision (bf16 on a CPU that supports it, bf16 or fp16 on CUDA), SGD;
     inference under autocast in ``inference_mode``.
-(c) rsscene itself: a real :class:`rsscene.engine.train.Trainer` (decoded cache, batch
-    augmentation, channels_last, autocast) timed by its own epoch loop, and
-    :func:`rsscene.engine.evaluate.predict` for inference.
+(c) rsscene itself: a :class:`rsscene.engine.train.Trainer` given the images through its
+    public API (decoded cache, batch augmentation, channels_last, autocast), its own epoch
+    loop timed, and :func:`rsscene.engine.evaluate.predict` for inference.
 
 Each loop runs in its own process, one after the other, so each has its own peak RSS and
 none inherits another's memory. Each trains ``--warmup`` steps untimed, then ``--steps``
@@ -44,11 +44,13 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from rsscene.config import TUTORIAL, TrainConfig
-from rsscene.data.datasets import list_images
+from rsscene.data.datasets import BatchLoader, TrainData, list_images
 from rsscene.data.synthetic import CLASSES, generate
 from rsscene.data.transforms import MEAN, STD
-from rsscene.engine.evaluate import autocast, predict
-from rsscene.engine.train import Trainer, amp_dtype, default_workers, select_device
+from rsscene.engine import recipe
+from rsscene.engine.device import amp_dtype, autocast, default_workers, select_device, synchronize
+from rsscene.engine.evaluate import predict
+from rsscene.engine.train import Trainer
 from rsscene.models import create_model
 
 LOOPS = {
@@ -96,11 +98,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- timing
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def clocks() -> tuple[float, float]:
     """Wall and CPU seconds: the CPU time of this process is what other processes cannot steal."""
     return time.perf_counter(), time.process_time()
@@ -225,76 +222,39 @@ def torchvision_loop(args: argparse.Namespace, device: torch.device, reference: 
 
 
 # --------------------------------------------------------------------------- (c)
-class StepsTrainer(Trainer):
-    """A real Trainer whose epochs are cut to a given number of steps (epoch 0 warms up,
-    epoch 1 is timed), with each epoch's pass over its batches timed."""
-
-    def __init__(self, cfg: TrainConfig, steps: list[int]) -> None:
-        self.steps = steps
-        self.epoch_rates: list[dict[str, float]] = []
-        super().__init__(cfg, log=lambda *_: None)
-        batches = self.train_data.batches
-
-        # From the first batch's fetch to the end of the last step: the Trainer's own span for
-        # its images/s, and the only part of an epoch whose CPU time can be told apart.
-        def timed(order: list[list[int]]) -> Iterator[Any]:
-            start = clocks()
-            yield from batches(order)
-            self.epoch_rates.append(rates(sum(map(len, order)), start))
-
-        self.train_data.batches = timed
-
-    def epoch_batches(self, epoch: int) -> list[list[int]]:
-        # Enough batches from successive permutations when one epoch of data is too short.
-        batches: list[list[int]] = []
-        for n in itertools.count():
-            if len(batches) >= self.steps[epoch]:
-                break
-            batches += super().epoch_batches(len(self.steps) * n + epoch)
-        return batches[: self.steps[epoch]]
-
-
-def split_folder(images: Path, root: Path) -> Path:
-    """A split for the Trainer: ``train`` is ``images`` itself, ``test`` one image per class
-    (the per-epoch evaluation is not what is measured here)."""
-    root.mkdir()
-    (root / "train").symlink_to(images.absolute(), target_is_directory=True)
-    listed = list_images(images)
-    for cls in listed.classes:
-        (root / "test" / cls).mkdir(parents=True)
-    for label in range(len(listed.classes)):
-        path = listed.paths[listed.labels.index(label)]
-        (root / "test" / listed.classes[label] / path.name).symlink_to(path.absolute())
-    return root
-
-
 def rsscene_loop(args: argparse.Namespace, device: torch.device, work: Path) -> dict:
+    """A :class:`Trainer` given the images as its data: its own epoch loop timed over
+    ``--steps`` steps after ``--warmup``, then :func:`predict` for inference."""
     cfg = TrainConfig(
-        data=str(split_folder(Path(args.images), work / "split")),
         arch=args.arch,
         batch_size=args.batch_size,
         img_size=args.img_size,
         eval_size=args.img_size,  # inference at the same resolution as the other loops
-        epochs=2,
         device=str(device),
         workers=args.workers,
         out=str(work / "run"),
     )
     start = time.perf_counter()
-    trainer = StepsTrainer(cfg, [args.warmup, args.steps])
+    images = list_images(args.images)
+    data = TrainData(BatchLoader(images, args.img_size, cfg.cache, args.workers, device))
+    model, _ = recipe.build_model(cfg, len(images.classes))
+    trainer = Trainer(cfg, model, data, device=device, log=lambda *_: None)
     setup = time.perf_counter() - start
-    trainer.fit()
-    data = trainer.train_data
-    n = len(data)
+    loader = data.train
 
-    def rows(count: int, offset: int = 0) -> list[int]:
-        return [(offset + i) % n for i in range(count * args.batch_size)]
+    def batches(count: int, epoch: int) -> list[list[int]]:
+        # Successive permutations when one epoch of data is too short for ``count`` steps.
+        out: list[list[int]] = []
+        for n in itertools.count():
+            if len(out) >= count:
+                return out[:count]
+            out += trainer.epoch_batches(2 * n + epoch)
 
-    def infer(batches: int, offset: int = 0) -> None:
+    def infer(rows: list[int]) -> None:
         predict(
             trainer.eval_model,
-            data,
-            rows(batches, offset),
+            loader,
+            rows,
             size=trainer.cfg.eval_size,
             normalize=trainer.cfg.normalize,
             batch_size=args.batch_size,
@@ -302,20 +262,26 @@ def rsscene_loop(args: argparse.Namespace, device: torch.device, work: Path) -> 
             channels_last=trainer.cfg.channels_last,
         )
 
-    train = trainer.epoch_rates[1]
-    infer(args.warmup)
+    trainer.train_epoch(0, batches(args.warmup, 0))
     synchronize(device)
     start = clocks()
-    infer(args.infer_batches, args.warmup * args.batch_size)
+    trainer.train_epoch(1, batches(args.steps, 1))
     synchronize(device)
-    cache = data.cache.images if data.cache is not None else None
+    train = rates(args.steps * args.batch_size, start)
+    rows = [i % len(loader) for i in range((args.warmup + args.infer_batches) * args.batch_size)]
+    infer(rows[: args.warmup * args.batch_size])
+    synchronize(device)
+    start = clocks()
+    infer(rows[args.warmup * args.batch_size :])
+    synchronize(device)
+    cache = loader.cache.images if loader.cache is not None else None
     return {
         "train": train,
         "infer": rates(args.infer_batches * args.batch_size, start),
         "precision": str(trainer.amp or torch.float32).removeprefix("torch."),
         "layout": "channels_last" if trainer.cfg.channels_last else "NCHW",
         "workers": args.workers,
-        "cache": data.mode,
+        "cache": loader.mode,
         "cache_mib": cache.nbytes / 2**20 if cache is not None else 0.0,
         "cache_shape": list(cache.shape) if cache is not None else None,
         "setup_s": setup,

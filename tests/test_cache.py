@@ -172,7 +172,7 @@ def _train(split: Path, out: Path, cache: str) -> dict[str, torch.Tensor]:
         str(out),
     ]
     assert main(args) == 0
-    return load(out / "last.pt")["model"]
+    return load(out / "last.pt").model
 
 
 @pytest.fixture

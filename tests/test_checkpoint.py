@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import hashlib
 import json
 import os
 import subprocess
@@ -17,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rsscene import checkpoint
-from rsscene.checkpoint import CheckpointError
+from rsscene.checkpoint import Checkpoint, CheckpointError
 from rsscene.cli import main
 from rsscene.models import create_model
 from test_images import tiny_checkpoint
@@ -25,9 +27,9 @@ from test_images import tiny_checkpoint
 MARK = 1.2345  # a value easy to find among the bytes of a saved file
 
 
-def payload(fill: float = MARK) -> dict:
+def payload(fill: float = MARK) -> Checkpoint:
     state = {"fc.weight": torch.full((3, 64), fill), "fc.bias": torch.zeros(3)}
-    return {"model": state, "arch": "resnet18", "class_names": ["a", "b", "c"]}
+    return Checkpoint(state, "resnet18", ["a", "b", "c"])
 
 
 def test_save_leaves_only_the_file_and_load_verifies(tmp_path: Path) -> None:
@@ -35,8 +37,10 @@ def test_save_leaves_only_the_file_and_load_verifies(tmp_path: Path) -> None:
     checkpoint.save(payload(2.0), path)  # replacing an existing file
     assert os.listdir(path.parent) == ["last.pt"]
     ckpt = checkpoint.load(path)
-    assert ckpt["sha256"] == checkpoint.weights_digest(ckpt["model"])
-    assert (ckpt["model"]["fc.weight"] == 2.0).all()
+    raw = torch.load(path, weights_only=True)
+    assert (raw["format"], raw["format_version"]) == (checkpoint.FORMAT, checkpoint.FORMAT_VERSION)
+    assert raw["sha256"] == checkpoint.weights_digest(ckpt.model)
+    assert (ckpt.model["fc.weight"] == 2.0).all()
 
 
 def test_a_flipped_byte_in_the_weights_fails_the_checksum(tmp_path: Path) -> None:
@@ -108,8 +112,7 @@ KILL_LOOP = textwrap.dedent(
     def save(step):
         for t in state.values():
             t.fill_(step)
-        checkpoint.save({"model": state, "arch": "resnet18", "class_names": ["a", "b", "c"],
-                         "step": step}, path)
+        checkpoint.save(checkpoint.Checkpoint(state, "resnet18", ["a", "b", "c"]), path)
 
     save(0)
     rng, found = random.Random(0), []
@@ -130,8 +133,8 @@ KILL_LOOP = textwrap.dedent(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         ckpt = checkpoint.load(path)  # raises on a torn file or a wrong checksum
-        step = ckpt["step"]
-        assert all((t == step).all() for t in ckpt["model"].values()), step
+        step = int(ckpt.model["fc.bias"][0])
+        assert all((t == step).all() for t in ckpt.model.values()), step
         temps = [n for n in os.listdir(folder) if n.endswith(".tmp")]
         for name in temps:  # SIGKILL leaves the half-written temporary file behind
             os.unlink(os.path.join(folder, name))
@@ -171,7 +174,7 @@ def test_a_pickle_that_runs_code_is_refused(
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
     state = create_model("resnet18", num_classes=3).state_dict()
-    torch.save({**payload(), "model": state, "extra": MakesAFile(marker)}, evil)
+    torch.save({**checkpoint.to_payload(payload()), "model": state, "x": MakesAFile(marker)}, evil)
     images = tmp_path / "images" / "a"
     images.mkdir(parents=True)
     argv = {
@@ -202,14 +205,61 @@ def test_wrong_checkpoints_give_one_line(content, message: str, tmp_path: Path, 
     elif content == "torchvision":
         torch.save(create_model("resnet18", num_classes=3).state_dict(), path)
     elif content == "no class names":
-        checkpoint.save({k: v for k, v in payload().items() if k != "class_names"}, path)
+        raw = checkpoint.to_payload(payload())
+        torch.save({k: v for k, v in raw.items() if k != "class_names"}, path)
     else:
         tiny_checkpoint(path)
         ckpt = checkpoint.load(path)
-        checkpoint.save({**ckpt, "arch": "resnet9"}, path)
+        checkpoint.save(dataclasses.replace(ckpt, arch="resnet9"), path)
     image = tmp_path / "x.png"
     image.write_bytes(b"")
     assert main(["predict", str(path), str(image)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("rsscene predict: error:") and message in err
     assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"format_version": checkpoint.FORMAT_VERSION + 1}, "is newer than this rsscene reads"),
+        ({"sha256": None}, "lacks the checksum of its weights"),
+    ],
+)
+def test_a_newer_format_or_a_missing_checksum_is_refused(
+    change: dict, message: str, tmp_path: Path, capsys
+) -> None:
+    path = tiny_checkpoint(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    torch.save({k: v for k, v in {**raw, **change}.items() if v is not None}, path)
+    image = tmp_path / "x.png"
+    image.write_bytes(b"")
+    assert main(["predict", str(path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.splitlines()) == 1
+    if "format_version" in change:
+        version = checkpoint.FORMAT_VERSION
+        assert f"format {version + 1} is newer" in err and f"(format {version})" in err
+
+
+def test_pretrained_weights_are_checked_by_hash_and_read_weights_only(
+    split: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from rsscene.models.weights import verified_state_dict
+
+    marker = tmp_path / "marker"
+    state = create_model("resnet18", num_classes=3).state_dict()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save({**state, "x": MakesAFile(marker)}, cached)
+    # A file replaced in torchvision's cache is refused by its hash before it is read...
+    argv = ["train", str(split), "--pretrained", "--device", "cpu", "--epochs", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "not f37072fd as published" in err and len(err.splitlines()) == 1
+    # ...and one whose hash did match would still be read weights-only.
+    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+    with pytest.raises(CheckpointError, match="refused as unsafe"):
+        verified_state_dict(cached, digest[:8])
+    assert not marker.exists()

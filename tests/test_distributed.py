@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,9 @@ import torch
 from rsscene import checkpoint
 from rsscene.cli import main
 from rsscene.engine.evaluate import evaluate_checkpoint
-from rsscene.engine.train import Trainer, lr_factor, resume_config
+from rsscene.engine.recipe import lr_factor
+from rsscene.engine.runstate import resume_config
+from rsscene.engine.train import Trainer
 from rsscene.errors import UserError
 
 TINY = ("--device", "cpu", "--workers", "0", "--img-size", "32", "--eval-size", "32")
@@ -143,7 +146,7 @@ def test_two_processes_write_one_run_that_a_single_process_evaluation_confirms(
     single = evaluate_checkpoint(run_dir / "last.pt", split)
     assert single["confusion"] == report["test"]["confusion"]
     assert single["accuracy"] == report["test_accuracy"]
-    assert checkpoint.load(run_dir / "last.pt")["world_size"] == 2
+    assert checkpoint.load(run_dir / "last.pt").world_size == 2
 
 
 def test_ddp_steps_equal_one_process_with_the_whole_batch(split: Path, tmp_path: Path) -> None:
@@ -156,12 +159,12 @@ def test_ddp_steps_equal_one_process_with_the_whole_batch(split: Path, tmp_path:
 
     ddp = checkpoint.load(tmp_path / "ddp" / "last.pt")
     one = checkpoint.load(tmp_path / "one" / "last.pt")
-    assert ddp["model"].keys() == one["model"].keys()
-    for name, a in ddp["model"].items():
-        b = one["model"][name]
+    assert ddp.model.keys() == one.model.keys()
+    for name, a in ddp.model.items():
+        b = one.model[name]
         assert torch.allclose(a.double(), b.double(), atol=1e-5, rtol=1e-5), name
-    (row_ddp,) = ddp["state"]["history"]
-    (row_one,) = one["state"]["history"]
+    (row_ddp,) = ddp.state.history
+    (row_one,) = one.state.history
     assert row_ddp["train_loss"] == pytest.approx(row_one["train_loss"], abs=1e-4)
     assert row_ddp["test_acc"] == row_one["test_acc"]
 
@@ -176,14 +179,14 @@ def test_a_killed_rank_ends_the_job_and_one_process_resumes(split: Path, tmp_pat
     assert "Signal 9 (SIGKILL)" in output  # torchrun's summary names the root cause
     assert f"rank 0: training stopped (RuntimeError); the last checkpoint is {out}" in output
     ckpt = checkpoint.load(out / "last.pt")
-    done = ckpt["next_epoch"]
-    assert done >= 1 and ckpt["next_step"] == 0
+    done = ckpt.next_epoch
+    assert done >= 1 and ckpt.next_step == 0
 
     run(rsscene_train("--resume", out, "--epochs", done + 1, *TINY))
     assert epochs(out) == list(range(1, done + 2))
     resumed = checkpoint.load(out / "last.pt")
     # The same effective batch as the 2 x 4 of the torchrun job, so the same lr and steps.
-    assert (resumed["config"]["batch_size"], resumed["world_size"]) == (8, 1)
+    assert (resumed.config["batch_size"], resumed.world_size) == (8, 1)
 
 
 @linux_only
@@ -200,7 +203,7 @@ def test_torchrun_restarts_continue_with_auto_resume(split: Path, tmp_path: Path
     assert "resuming at epoch 2" in output and "resuming at epoch 3" in output
     assert epochs(out) == [1, 2, 3]
     final = checkpoint.load(out / "last.pt")
-    assert (final["config"]["batch_size"], final["world_size"]) == (4, 2)
+    assert (final.config["batch_size"], final.world_size) == (4, 2)
     assert (out / "report.json").is_file()
 
 
@@ -232,7 +235,7 @@ def test_another_effective_batch_resumes_the_schedule_at_the_same_epoch(
     one_epoch: Path, split: Path
 ) -> None:
     cfg = resume_config(one_epoch, {"batch_size": 4, "epochs": 2})
-    trainer = Trainer(cfg, resume=one_epoch, log=lambda *_: None)
+    trainer = Trainer.from_config(cfg, resume=one_epoch, log=lambda *_: None)
     steps = trainer.steps_per_epoch
     assert trainer.scheduler.last_epoch == steps
     warmup = round(cfg.warmup_epochs * steps)
@@ -242,17 +245,17 @@ def test_another_effective_batch_resumes_the_schedule_at_the_same_epoch(
 
 def test_another_effective_batch_cannot_resume_mid_epoch(one_epoch: Path, tmp_path: Path) -> None:
     ckpt = checkpoint.load(one_epoch / "last.pt")
-    checkpoint.save({**ckpt, "next_epoch": 0, "next_step": 1}, tmp_path / "last.pt")
+    checkpoint.save(dataclasses.replace(ckpt, next_epoch=0, next_step=1), tmp_path / "last.pt")
     cfg = resume_config(tmp_path, {"batch_size": 4})
     with pytest.raises(UserError, match="mid-epoch with an effective batch of 8"):
-        Trainer(cfg, resume=tmp_path, log=lambda *_: None)
+        Trainer.from_config(cfg, resume=tmp_path, log=lambda *_: None)
 
 
 def test_resume_keeps_the_effective_batch_when_the_process_count_changes(
     one_epoch: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ckpt = checkpoint.load(one_epoch / "last.pt")
-    checkpoint.save({**ckpt, "world_size": 2}, tmp_path / "last.pt")  # 2 x 8 = 16
+    checkpoint.save(dataclasses.replace(ckpt, world_size=2), tmp_path / "last.pt")  # 2 x 8 = 16
     assert resume_config(tmp_path, {}).batch_size == 16
     monkeypatch.setenv("WORLD_SIZE", "4")
     assert resume_config(tmp_path, {}).batch_size == 4

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
 from rsscene.data.images import to_tensor
 from rsscene.data.synthetic import CLASSES, image_rng, render_scene
-from rsscene.data.transforms import MEAN, STD, Augment
+from rsscene.data.transforms import Augment
 from rsscene.errors import UserError
 from rsscene.explain import explain, gradcam
 from rsscene.inference import Predictor
@@ -60,17 +61,8 @@ def trained(tmp_path_factory) -> Path:
             loss.backward()
             optimizer.step()
             schedule.step()
-    return checkpoint.save(
-        {
-            "model": model.state_dict(),
-            "arch": "resnet18",
-            "variant": "v1.5",
-            "class_names": list(TRAINED),
-            "preprocess": {"size": SIZE, "mean": list(MEAN), "std": list(STD)},
-            "config": {},
-        },
-        tmp_path_factory.mktemp("cam") / "trained.pt",
-    )
+    record = Checkpoint(model.state_dict(), "resnet18", list(TRAINED), preprocess=Preprocess(SIZE))
+    return checkpoint.save(record, tmp_path_factory.mktemp("cam") / "trained.pt")
 
 
 def _png(img: Image.Image) -> bytes:

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
 from rsscene.data.synthetic import CLASSES
-from rsscene.data.transforms import MEAN, STD, eval_batch
+from rsscene.data.transforms import MEAN, eval_batch
 from rsscene.errors import UserError
 from rsscene.export import EXTRA_FILE, TOLERANCE, export, sample_images
 from rsscene.inference import Predictor
@@ -28,15 +29,8 @@ def _checkpoint(path: Path, arch: str) -> Path:
     """A random-init checkpoint with everything ``checkpoint.load`` and Predictor need."""
     torch.manual_seed(0)
     model = create_model(arch, num_classes=len(CLASSES))
-    payload = {
-        "model": model.state_dict(),
-        "arch": arch,
-        "variant": "v1.5",
-        "class_names": list(CLASSES),
-        "preprocess": {"size": SIZE, "mean": list(MEAN), "std": list(STD)},
-        "config": {},
-    }
-    return checkpoint.save(payload, path)
+    record = Checkpoint(model.state_dict(), arch, list(CLASSES), preprocess=Preprocess(SIZE))
+    return checkpoint.save(record, path)
 
 
 @pytest.fixture(scope="module", params=["resnet18", "resnet50"])

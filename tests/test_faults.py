@@ -70,14 +70,14 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
     assert stopped.wait(timeout=300) == 128 + signal.SIGTERM, "".join(log)
     assert f"Resume with: rsscene train --resume {tmp_path / 'stopped'}" in log[-1]
     saved = checkpoint.load(tmp_path / "stopped" / "last.pt")
-    assert saved["next_epoch"] == 1 and 0 < saved["next_step"] < 4, log[-1]  # mid-epoch 2
+    assert saved.next_epoch == 1 and 0 < saved.next_step < 4, log[-1]  # mid-epoch 2
 
     assert cli(["train", "--resume", tmp_path / "stopped"], capsys)[0] == 0
     a = checkpoint.load(tmp_path / "straight" / "last.pt")
     b = checkpoint.load(tmp_path / "stopped" / "last.pt")
-    assert a["model"].keys() == b["model"].keys()
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    losses = [[r["train_loss"] for r in c["state"]["history"]] for c in (a, b)]
+    assert a.model.keys() == b.model.keys()
+    assert all(torch.equal(a.model[k], b.model[k]) for k in a.model)
+    losses = [[r["train_loss"] for r in c.state.history] for c in (a, b)]
     assert losses[0] == losses[1] and len(losses[0]) == 2
 
 
@@ -103,14 +103,14 @@ def test_divergence_in_epoch_2_keeps_epoch_1s_checkpoint(
             out = super().__call__(x, generator)
             return out * float("nan") if len(calls) > 5 else out
 
-    monkeypatch.setattr("rsscene.engine.train.Augment", PoisonedAfterFiveSteps)
+    monkeypatch.setattr("rsscene.engine.recipe.Augment", PoisonedAfterFiveSteps)
     code, err = cli(["train", split, *TINY, "--epochs", "2", "--out", tmp_path], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "loss became NaN/Inf at epoch 2, step 2" in err  # 4 steps an epoch
     assert f"the last good checkpoint is {tmp_path / 'last.pt'}" in err
     ckpt = checkpoint.load(tmp_path / "last.pt")
-    assert ckpt["next_epoch"] == 1 and ckpt["next_step"] == 0
-    assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+    assert ckpt.next_epoch == 1 and ckpt.next_step == 0
+    assert all(torch.isfinite(t).all() for t in ckpt.model.values() if t.is_floating_point())
 
 
 # --------------------------------------------------------------------------- untrusted files
@@ -150,7 +150,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "image": root / "x.png",
     }
     found["random"].write_bytes(os.urandom(4096))
-    torch.save(checkpoint.load(found["ckpt"])["model"], found["torchvision"])
+    torch.save(checkpoint.load(found["ckpt"]).model, found["torchvision"])
     found["arch_yaml"].write_text("arch: resnet9\n")
     found["image"].write_bytes(encode(noise(), "PNG"))
     return found

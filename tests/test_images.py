@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
 from rsscene.data.images import ImageError, load_tensor, open_image
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
-from rsscene.data.transforms import MEAN, STD
 from rsscene.inference import Predictor
 from rsscene.models import create_model
 
@@ -61,17 +61,8 @@ def rotated_exif() -> bytes:
 def tiny_checkpoint(path: Path, classes: list[str] = CLASSES) -> Path:
     """A random-init ResNet-18 checkpoint that predicts at 32 px."""
     model = create_model("resnet18", num_classes=len(classes))
-    return checkpoint.save(
-        {
-            "model": model.state_dict(),
-            "arch": "resnet18",
-            "class_names": list(classes),
-            "variant": "v1.5",
-            "preprocess": {"size": 32, "mean": list(MEAN), "std": list(STD)},
-            "config": {},
-        },
-        path,
-    )
+    record = Checkpoint(model.state_dict(), "resnet18", list(classes), preprocess=Preprocess(32))
+    return checkpoint.save(record, path)
 
 
 # --------------------------------------------------------------------------- open_image

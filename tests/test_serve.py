@@ -21,9 +21,9 @@ import torch
 from PIL import Image
 
 from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
 from rsscene.data.synthetic import CLASSES, image_rng, render_scene
-from rsscene.data.transforms import MEAN, STD
 from rsscene.models import create_model
 
 fastapi = pytest.importorskip("fastapi", reason="serving needs the serve extra (rsscene[serve])")
@@ -41,15 +41,9 @@ MAX_FILES = 4
 def ckpt(tmp_path_factory) -> Path:
     """A random-init ResNet-18 at 64 px: serving does not care what the weights learned."""
     torch.manual_seed(0)
-    payload = {
-        "model": create_model("resnet18", num_classes=len(CLASSES)).state_dict(),
-        "arch": "resnet18",
-        "variant": "v1.5",
-        "class_names": list(CLASSES),
-        "preprocess": {"size": SIZE, "mean": list(MEAN), "std": list(STD)},
-        "config": {},
-    }
-    return checkpoint.save(payload, tmp_path_factory.mktemp("serve") / "model.pt")
+    weights = create_model("resnet18", num_classes=len(CLASSES)).state_dict()
+    record = Checkpoint(weights, "resnet18", list(CLASSES), preprocess=Preprocess(SIZE))
+    return checkpoint.save(record, tmp_path_factory.mktemp("serve") / "model.pt")
 
 
 @pytest.fixture(scope="module")

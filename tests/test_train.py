@@ -14,7 +14,9 @@ from rsscene import checkpoint
 from rsscene.cli import main
 from rsscene.data.prepare import prepare
 from rsscene.engine.evaluate import evaluate_checkpoint
-from rsscene.engine.train import lr_factor, resume_config, train
+from rsscene.engine.recipe import lr_factor
+from rsscene.engine.runstate import resume_config
+from rsscene.engine.train import Trainer
 
 RUN_FILES = ["config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "report.json"]
 
@@ -22,7 +24,7 @@ RUN_FILES = ["config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "
 @pytest.fixture(scope="module")
 def run(split: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "r18"
-    train(tiny_config(split, out), log=lambda *_: None)
+    Trainer.from_config(tiny_config(split, out), log=lambda *_: None).fit()
     return out
 
 
@@ -36,15 +38,15 @@ def test_train_writes_a_complete_run_folder(run: Path) -> None:
     assert config["versions"]["torch"] == torch.__version__
     ckpt = checkpoint.load(run / "last.pt")
     for key in ("model", "arch", "class_names", "config", "state"):
-        assert key in ckpt
+        assert getattr(ckpt, key)
     for key in ("optimizer", "scheduler", "history", "rng"):
-        assert key in ckpt["state"]
+        assert getattr(ckpt.state, key) is not None
 
 
 def test_evaluate_best_matches_the_logged_epoch(run: Path, split: Path) -> None:
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     best = checkpoint.load(run / "best.pt")
-    epoch = best["next_epoch"]
+    epoch = best.next_epoch
     logged = float(rows[epoch - 1]["test_acc"])
     report = evaluate_checkpoint(run / "best.pt", split)
     assert report["accuracy"] == pytest.approx(logged, abs=1e-5)
@@ -85,12 +87,12 @@ def test_predict_prints_class_names(run: Path, split: Path, tmp_path: Path, caps
 def test_resume_equals_an_uninterrupted_run(split: Path, tmp_path: Path) -> None:
     quiet = {"log": lambda *_: None}
     straight = tmp_path / "straight"
-    train(tiny_config(split, straight, epochs=4, schedule="constant"), **quiet)
+    Trainer.from_config(tiny_config(split, straight, epochs=4, schedule="constant"), **quiet).fit()
     halves = tmp_path / "halves"
-    train(tiny_config(split, halves, epochs=2, schedule="constant"), **quiet)
-    train(resume_config(halves, {"epochs": 4}), resume=halves, **quiet)
-    a = checkpoint.load(straight / "last.pt")["model"]
-    b = checkpoint.load(halves / "last.pt")["model"]
+    Trainer.from_config(tiny_config(split, halves, epochs=2, schedule="constant"), **quiet).fit()
+    Trainer.from_config(resume_config(halves, {"epochs": 4}), resume=halves, **quiet).fit()
+    a = checkpoint.load(straight / "last.pt").model
+    b = checkpoint.load(halves / "last.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = list(csv.DictReader((halves / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
@@ -103,8 +105,8 @@ def test_resume_refuses_another_arch(run: Path, capsys) -> None:
 
 def test_best_holds_weights_only_and_is_not_resumed(run: Path, capsys) -> None:
     best = checkpoint.load(run / "best.pt")
-    assert "state" not in best
-    assert set(best["model"]) == set(checkpoint.load(run / "last.pt")["model"])
+    assert best.state is None
+    assert set(best.model) == set(checkpoint.load(run / "last.pt").model)
     # AdamW keeps two moments per weight: the full state is about three times the weights.
     assert (run / "best.pt").stat().st_size < 0.5 * (run / "last.pt").stat().st_size
     assert main(["train", "--resume", str(run / "best.pt")]) == 2
@@ -173,7 +175,7 @@ def test_real_aid5_end_to_end_beats_chance(tmp_path: Path) -> None:
     cfg = tiny_config(
         split, out, img_size=32, eval_size=32, batch_size=32, amp="auto", deterministic=False
     )
-    _, report = train(cfg, log=lambda *_: None)
+    report = Trainer.from_config(cfg, log=lambda *_: None).fit()
     assert report["test"]["images"] == 163
     evaluated = evaluate_checkpoint(out / "last.pt", split)
     assert evaluated["accuracy"] == pytest.approx(report["test_accuracy"], abs=0.02)
@@ -202,7 +204,9 @@ def test_recipe_benchmark_runs_in_a_tiny_setting(capsys, tmp_path: Path) -> None
 def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: Path) -> None:
     split = tmp_path / "split"
     prepare(scenes, split, test_ratio=0.2, val_ratio=0.2, seed=0)
-    _, report = train(tiny_config(split, tmp_path / "run", epochs=1), log=lambda *_: None)
+    report = Trainer.from_config(
+        tiny_config(split, tmp_path / "run", epochs=1), log=lambda *_: None
+    ).fit()
     assert report["best"]["split"] == "val"
     assert "validation" in report["best"]["note"]
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))

@@ -1,10 +1,11 @@
-"""Save checkpoints atomically, load them safely.
+"""The checkpoint: one typed record, written atomically by :func:`save`, read safely by :func:`load`.
 
-A checkpoint is a plain dict of tensors and primitives, written with ``torch.save`` to a
-temporary file, fsynced and renamed over the target, so ``last.pt`` is always either the
-previous complete file or the new complete one. It carries a SHA-256 of the model weights,
-checked on load. Loading always uses ``weights_only=True``: a file that would run code
-when unpickled is refused.
+On disk a checkpoint is a plain dict of tensors and primitives (so ``torch.load`` with
+``weights_only=True`` reads it and any tool can inspect it), tagged with ``format`` and
+``format_version`` and a SHA-256 of the weights. :func:`save` writes it to a temporary file,
+fsyncs and renames it over the target, so ``last.pt`` is always either the previous complete
+file or the new complete one. :func:`load` refuses a file that would run code when unpickled,
+a newer format, a missing or wrong checksum, and malformed fields, each with one clear line.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import os
 import pickle
 import re
 import tempfile
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor
 
+from rsscene.data.transforms import MEAN, STD
 from rsscene.errors import UserError
 
 FORMAT = "rsscene-checkpoint"
@@ -31,7 +34,60 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe or of the wrong kind."""
 
 
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
+@dataclass
+class Preprocess:
+    """How images are fed to the model: resized to ``size``, divided by 255, then standardised
+    by ``mean``/``std`` (None: not standardised)."""
+
+    size: int = 224
+    mean: list[float] | None = field(default_factory=lambda: list(MEAN))
+    std: list[float] | None = field(default_factory=lambda: list(STD))
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+
+@dataclass
+class TrainingState:
+    """What ``--resume`` needs beyond the weights: optimizer, schedule and progress."""
+
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    partial: dict[str, float]
+    rng: Tensor
+    scaler: dict[str, Any] = field(default_factory=dict)
+    # With EMA, Checkpoint.model holds the average; the raw weights and the average's state
+    # are kept here.
+    model: dict[str, Tensor] | None = None
+    ema: dict[str, Any] | None = None
+
+
+@dataclass
+class Checkpoint:
+    """Weights, what inference needs, and (``state``) what resuming needs."""
+
+    model: dict[str, Tensor]
+    arch: str
+    class_names: list[str]
+    variant: str = "v1.5"
+    preprocess: Preprocess = field(default_factory=Preprocess)
+    config: dict[str, Any] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    next_epoch: int = 0
+    next_step: int = 0
+    world_size: int = 1
+    versions: dict[str, str] = field(default_factory=dict)
+    state: TrainingState | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.state is not None
+
+
+def weights_digest(state: dict[str, Tensor]) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of a state_dict, in key order."""
     h = hashlib.sha256()
     for key in sorted(state):
@@ -41,15 +97,34 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save(payload: dict[str, Any], path: str | Path) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
+def _shallow(record: Any) -> dict[str, Any]:
+    # Not dataclasses.asdict: it deep-copies every tensor of the state dicts.
+    return {f.name: getattr(record, f.name) for f in fields(record)}
+
+
+def to_payload(ckpt: Checkpoint) -> dict[str, Any]:
+    """The plain dict written to disk (format, version and checksum included)."""
+    payload = _shallow(ckpt)
+    payload["preprocess"] = _shallow(ckpt.preprocess)
+    if ckpt.state is None:
+        del payload["state"]
+    else:
+        state = _shallow(ckpt.state)
+        payload["state"] = {k: v for k, v in state.items() if v is not None}
+    return {
+        **payload,
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sha256": weights_digest(ckpt.model),
+    }
+
+
+def save(ckpt: Checkpoint, path: str | Path) -> Path:
+    """Write ``ckpt`` to ``path`` atomically (temp file, fsync, rename, fsync dir)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {**payload, "format": FORMAT, "format_version": FORMAT_VERSION}
-    if "model" in payload:
-        payload["sha256"] = weights_digest(payload["model"])
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(to_payload(ckpt), buffer)
     # A process killed mid-save leaves its temp file; the next save of the same name removes it.
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
@@ -74,18 +149,22 @@ def save(payload: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def read(path: str | Path) -> Any:
-    """``torch.load`` with ``weights_only=True`` and clear errors for every way it can fail."""
+def resolve_path(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's ``last.pt`` (else its ``best.pt``)."""
     path = Path(path)
     if path.is_dir():
         for name in ("last.pt", "best.pt"):
             if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise CheckpointError(f"{path}: a folder without last.pt or best.pt")
+                return path / name
+        raise CheckpointError(f"{path}: a folder without last.pt or best.pt")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
+
+
+def read(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` and clear errors for every way it can fail."""
+    path = resolve_path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -112,57 +191,70 @@ def read(path: str | Path) -> Any:
         ) from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Model weights from an rsscene checkpoint or a torchvision-format ``.pth`` file."""
     obj = read(path)
     if isinstance(obj, dict):
         for key in ("model", "state_dict", "model_state_dict"):
             if isinstance(obj.get(key), dict):
                 return obj[key]
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        if obj and all(isinstance(v, Tensor) for v in obj.values()):
             return obj
     raise CheckpointError(f"{path}: holds no model weights (state_dict)")
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """Read and verify an rsscene checkpoint (weights checksum, required fields)."""
-    ckpt = read(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and all(isinstance(v, Tensor) for v in obj.values())
+
+
+def _check_payload(raw: Any, path: Path) -> None:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise CheckpointError(
             f"{path}: not an rsscene checkpoint (plain torchvision weights can only start a"
             " training run: rsscene train --weights FILE)"
         )
+    version = raw.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version} is newer than this rsscene reads (format"
+            f" {FORMAT_VERSION}); upgrade rsscene to load it"
+        )
     for key in ("model", "arch", "class_names"):
-        if key not in ckpt:
+        if key not in raw:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
-    model, names = ckpt["model"], ckpt["class_names"]
-    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+    names = raw["class_names"]
+    if not _is_state_dict(raw["model"]):
         raise CheckpointError(f"{path}: its 'model' entry is not a state_dict of tensors")
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise CheckpointError(f"{path}: its 'class_names' entry is not a list of names")
-    if ckpt.get("sha256") and weights_digest(ckpt["model"]) != ckpt["sha256"]:
+    if not isinstance(raw.get("sha256"), str):
+        raise CheckpointError(f"{path}: checkpoint lacks the checksum of its weights ('sha256')")
+    if weights_digest(raw["model"]) != raw["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch: the weights are corrupt")
-    return ckpt
 
 
-def build_model(ckpt: dict[str, Any]) -> nn.Module:
-    """The model a checkpoint describes, with its weights loaded, in eval mode."""
-    from rsscene.models import create_model
-
+def from_payload(raw: dict[str, Any], path: Path) -> Checkpoint:
+    """The record of a checked payload; unknown or ill-typed fields are refused."""
+    known = {f.name for f in fields(Checkpoint)}
+    values = {k: v for k, v in raw.items() if k in known}
+    config = values.get("config") or {}
     try:
-        model = create_model(
-            ckpt["arch"], num_classes=len(ckpt["class_names"]), variant=ckpt.get("variant", "v1.5")
+        pre = values.get("preprocess") or {}
+        values["preprocess"] = Preprocess(
+            size=int(pre.get("size") or config.get("eval_size") or 224),
+            mean=pre.get("mean", list(MEAN)),
+            std=pre.get("std", list(STD)),
         )
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"checkpoint describes no model rsscene can build: {e}") from None
-    try:
-        model.load_state_dict(ckpt["model"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights do not fit {ckpt['arch']}: {str(e)[:300]}") from None
-    return model.eval()
+        if values.get("state") is not None:
+            values["state"] = TrainingState(**values["state"])
+        return Checkpoint(**values)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: malformed checkpoint ({e})") from None
 
 
-def load_model(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a checkpoint file or run folder; returns (model in eval mode, checkpoint dict)."""
-    ckpt = load(path)
-    return build_model(ckpt), ckpt
+def load(path: str | Path) -> Checkpoint:
+    """Read and verify an rsscene checkpoint file or run folder (its last.pt, else best.pt)."""
+    path = resolve_path(path)
+    raw = read(path)
+    _check_payload(raw, path)
+    return from_payload(raw, path)

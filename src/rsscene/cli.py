@@ -13,20 +13,13 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from rsscene import __version__
-from rsscene.config import AMP_MODES, AUGMENTS, OPTIMIZER_DEFAULTS, OPTIMIZERS, SCHEDULES
+from rsscene.config import positive_int
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
 
 def comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
 
 
 # --------------------------------------------------------------------------- info
@@ -150,12 +143,35 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- train
-def two_floats(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text}") from None
-    return lo, hi
+# Flags of train that are not settings of a run.
+RUN_FLAGS = ("config", "resume", "auto_resume", "weights_only")
+
+
+def add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`TrainConfig` field, from its metadata: ``--batch-size`` for
+    ``batch_size``, ``--X/--no-X`` for booleans. Every default is None, so that only the flags
+    given override a ``--config`` file."""
+    from dataclasses import MISSING, fields
+
+    from rsscene.config import TrainConfig, setting_types
+
+    kinds = setting_types()
+    for f in fields(TrainConfig):
+        meta, kind = f.metadata, kinds[f.name]
+        shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
+        if isinstance(f.default, tuple):
+            shown = f" (default: {','.join(f'{v:g}' for v in f.default)})"
+        options = {"help": meta["help"] + shown, "default": None}
+        if meta["metavar"]:
+            options["metavar"] = meta["metavar"]
+        if meta["positional"]:
+            p.add_argument(f.name, nargs="?", **options)
+        elif kind is bool:
+            flag = f"--{f.name.replace('_', '-')}"
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
+        else:
+            flag = f"--{f.name.replace('_', '-')}"
+            p.add_argument(flag, type=meta["parse"] or kind, choices=meta["choices"], **options)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -166,72 +182,17 @@ def add_train(sub: argparse._SubParsersAction) -> None:
         " are chosen for the device; a --config file (YAML/TOML, same names) sets defaults that"
         " flags override.",
     )
-    # Every default is None so that only flags actually given override the config file.
-    arg = p.add_argument
-    bool_flag = argparse.BooleanOptionalAction
-    arg("data", nargs="?", metavar="DATA", help="split folder with train/ and test/ (or val/)")
-    arg("--config", metavar="FILE", help="YAML or TOML file of settings")
-    arg(
-        "--tutorial",
-        action="store_true",
-        default=None,
-        help="the tutorial's recipe: Resize 224, flip, Adam 5e-4, batch 32, 30 epochs, float32",
+    add_setting_flags(p)
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of settings")
+    p.add_argument(
+        "--resume", metavar="RUN", help="continue the run in this folder (or its last.pt)"
     )
-    arg("--arch", choices=list(MODELS))
-    arg("--variant", choices=VARIANTS)
-    arg("--epochs", type=positive_int)
-    arg("--batch-size", type=positive_int, help="per process")
-    arg("--img-size", type=positive_int, help="training resolution")
-    arg("--eval-size", type=positive_int, help="test resolution")
-    arg("--optimizer", choices=OPTIMIZERS, help="default adamw")
-    arg("--lr", type=float, help="peak learning rate (default scales with the batch)")
-    arg("--momentum", type=float)
-    wd = ", ".join(f"{name} {d['weight_decay']:g}" for name, d in OPTIMIZER_DEFAULTS.items())
-    arg("--weight-decay", type=float, help=f"default: {wd}")
-    arg("--wd-norm-bias", action=bool_flag, help="weight decay on norm and bias too")
-    arg("--schedule", choices=SCHEDULES)
-    arg("--warmup-epochs", type=float)
-    arg("--label-smoothing", type=float)
-    arg("--augment", choices=AUGMENTS)
-    arg(
-        "--crop-scale",
-        type=two_floats,
-        metavar="MIN,MAX",
-        help="random resized crop area, e.g. 0.25,1 (default 1,1: the whole image)",
-    )
-    arg("--jitter", type=float, help="colour jitter strength")
-    arg("--mixup", type=float, help="mixup alpha (0 = off)")
-    arg("--cutmix", type=float, help="cutmix alpha (0 = off)")
-    arg("--normalize", action=bool_flag, help="standardise inputs by ImageNet mean/std")
-    arg("--zero-init-residual", action=bool_flag)
-    arg("--ema", type=float, metavar="DECAY", help="EMA of weights (0 = off)")
-    arg("--seed", type=int)
-    arg("--workers", type=int, help="decoding processes")
-    arg("--device", help="auto, cpu, cuda, cuda:N or mps")
-    arg("--cache", choices=["auto", "memory", "disk", "none"], help="decoded image store")
-    arg("--amp", choices=AMP_MODES, help="mixed precision")
-    arg("--channels-last", action=bool_flag)
-    arg("--compile", action=bool_flag, help="torch.compile the model")
-    arg("--deterministic", action=bool_flag, help="deterministic algorithms (slower)")
-    arg("--max-grad-norm", type=float, help="clip gradients to this norm")
-    arg("--weights", metavar="PATH", help="start from a torchvision .pth or rsscene checkpoint")
-    arg(
-        "--pretrained",
-        action="store_true",
-        default=None,
-        help="start from torchvision's ImageNet weights (from its cache)",
-    )
-    arg("--freeze-backbone", action="store_true", default=None, help="train the classifier only")
-    arg("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under torchrun")
-    arg("--strict", action="store_true", default=None, help="fail on any unreadable image")
-    arg("--out", metavar="DIR", help="run folder (default runs/ARCH-TIMESTAMP)")
-    arg("--resume", metavar="RUN", help="continue the run in this folder (or its last.pt)")
-    arg(
+    p.add_argument(
         "--auto-resume",
         action="store_true",
         help="continue from --out's last.pt if there is one, else start (for torchrun restarts)",
     )
-    arg(
+    p.add_argument(
         "--weights-only",
         action="store_true",
         help="with --resume: start a new run from the checkpoint's weights only",
@@ -243,7 +204,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rsscene import config
-    from rsscene.engine.train import Interrupted, resume_config, train
+    from rsscene.engine.runstate import resume_config
+    from rsscene.engine.train import Trainer
+    from rsscene.errors import Interrupted
 
     given = {k: v for k, v in vars(args).items() if k in config.field_names() and v is not None}
     if args.auto_resume:
@@ -265,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not cfg.data:
             raise UserError("DATA is required (a folder with train/ and test/)")
     try:
-        train(cfg, resume=resume)
+        Trainer.from_config(cfg, resume=resume).fit()
     except Interrupted as e:
         print(str(e), file=sys.stderr)
         return 128 + e.signum
@@ -295,8 +258,8 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from rsscene.engine.device import select_device
     from rsscene.engine.evaluate import evaluate_checkpoint
-    from rsscene.engine.train import select_device
 
     ckpt = Path(args.checkpoint)
     out = args.output or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{Path(args.data).name}"
@@ -352,7 +315,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     from pathlib import Path
 
-    from rsscene.engine.train import select_device
+    from rsscene.engine.device import select_device
     from rsscene.inference import Predictor, collect_images
 
     out = Path(args.output) if args.output else None
@@ -450,7 +413,7 @@ def add_cam(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from rsscene.engine.train import select_device
+    from rsscene.engine.device import select_device
     from rsscene.explain import write_cams
     from rsscene.inference import Predictor
 
@@ -558,7 +521,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rsscene.engine.train import select_device
+    from rsscene.engine.device import select_device
 
     try:
         import python_multipart  # noqa: F401 - fastapi needs it only when a form arrives

@@ -7,16 +7,21 @@ by :func:`resolve` (a GPU affords more epochs and pixels in the same wall time).
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, fields
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from rsscene.errors import UserError
+from rsscene.models import MODELS, VARIANTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -26,51 +31,128 @@ else:  # pragma: no cover
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+CACHE_MODES = ("auto", "memory", "disk", "none")
+
+# Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
+# linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
+OPTIMIZER_DEFAULTS = {
+    "sgd": {"lr": 0.1, "weight_decay": 5e-4, "scaling": "linear"},
+    "adamw": {"lr": 3e-3, "weight_decay": 0.05, "scaling": "sqrt"},
+    "adam": {"lr": 1e-3, "weight_decay": 0.0, "scaling": "sqrt"},
+}
+REFERENCE_BATCH = 64
+OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
+
+# Device-dependent defaults for the fields left at None.
+DEVICE_DEFAULTS = {
+    "cpu": {"epochs": 55, "img_size": 128},
+    "gpu": {"epochs": 100, "img_size": 192},
+}
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (an argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def float_pair(text: str) -> tuple[float, float]:
+    """``MIN,MAX`` as two floats (an argparse type)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text}") from None
+    return lo, hi
+
+
+def setting(
+    default: Any = None,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    positional: bool = False,
+) -> Any:
+    """A :class:`TrainConfig` field with what its ``rsscene train`` flag needs: help text,
+    choices, a parser for its value (default: the field's type) and a metavar."""
+    meta = {"help": help, "choices": choices, "parse": parse, "metavar": metavar}
+    return field(default=default, metadata={**meta, "positional": positional})
+
+
+_WD = ", ".join(f"{name} {d['weight_decay']:g}" for name, d in OPTIMIZER_DEFAULTS.items())
 
 
 @dataclass
 class TrainConfig:
-    """All settings of one training run. ``None`` means "chosen for the device"."""
+    """All settings of one training run. ``None`` means "chosen for the device".
 
-    data: str | None = None
-    arch: str = "resnet18"
-    variant: str = "v1.5"
-    epochs: int | None = None
-    batch_size: int = 64
-    img_size: int | None = None
-    eval_size: int | None = None
-    optimizer: str = "adamw"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float | None = None
-    wd_norm_bias: bool = False
-    schedule: str = "onecycle"
-    warmup_epochs: float = 2.0
-    label_smoothing: float = 0.1
-    augment: str = "dihedral"
-    crop_scale: tuple[float, float] = (1.0, 1.0)
-    jitter: float = 0.1
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    normalize: bool = True
-    zero_init_residual: bool = True
-    ema: float = 0.0
-    seed: int = 0
-    workers: int | None = None
-    device: str = "auto"
-    cache: str = "auto"
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    deterministic: bool = False
-    max_grad_norm: float | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    freeze_backbone: bool = False
-    sync_bn: bool = False
-    strict: bool = False
-    out: str | None = None
-    tutorial: bool = False
+    Each field is also a flag of ``rsscene train`` (``batch_size`` is ``--batch-size``), made
+    from its metadata, and a key of a ``--config`` file.
+    """
+
+    data: str | None = setting(
+        help="split folder with train/ and test/ (or val/)", positional=True, metavar="DATA"
+    )
+    arch: str = setting("resnet18", "architecture", choices=tuple(MODELS))
+    variant: str = setting(
+        "v1.5", "v1.5: stride on the 3x3 conv; v1: as the paper", choices=VARIANTS
+    )
+    epochs: int | None = setting(
+        help="epochs (default: 55 on a CPU, 100 on a GPU)", parse=positive_int
+    )
+    batch_size: int = setting(64, "images per step, per process", parse=positive_int)
+    img_size: int | None = setting(
+        help="training resolution (default: 128 on a CPU, 192 on a GPU)", parse=positive_int
+    )
+    eval_size: int | None = setting(
+        help="test resolution (default: the training one; 1.25x it with crops)", parse=positive_int
+    )
+    optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
+    lr: float | None = setting(help="peak learning rate (default scales with the global batch)")
+    momentum: float = setting(0.9, "SGD momentum (Nesterov when above 0)")
+    weight_decay: float | None = setting(help=f"weight decay (default: {_WD})")
+    wd_norm_bias: bool = setting(False, "weight decay on norm and bias too")
+    schedule: str = setting("onecycle", "learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: float = setting(2.0, "linear warm-up, in epochs")
+    label_smoothing: float = setting(0.1, "label smoothing")
+    augment: str = setting(
+        "dihedral", "flips/rotations: the 8 of the square, hflip or none", choices=AUGMENTS
+    )
+    crop_scale: tuple[float, float] = setting(
+        (1.0, 1.0),
+        "random resized crop area, e.g. 0.25,1 (1,1: the whole image)",
+        parse=float_pair,
+        metavar="MIN,MAX",
+    )
+    jitter: float = setting(0.1, "colour jitter strength")
+    mixup: float = setting(0.0, "mixup alpha (0 = off)")
+    cutmix: float = setting(0.0, "cutmix alpha (0 = off)")
+    normalize: bool = setting(True, "standardise inputs by ImageNet mean/std")
+    zero_init_residual: bool = setting(True, "start each residual branch at zero")
+    ema: float = setting(0.0, "EMA of weights (0 = off)", metavar="DECAY")
+    seed: int = setting(0, "seed of every random draw")
+    workers: int | None = setting(help="decoding processes (default: the CPUs, up to 8)")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
+    cache: str = setting("auto", "decoded image store", choices=CACHE_MODES)
+    amp: str = setting("auto", "mixed precision", choices=AMP_MODES)
+    channels_last: bool = setting(True, "channels_last memory format")
+    compile: bool = setting(False, "torch.compile the model")
+    deterministic: bool = setting(False, "deterministic algorithms (slower)")
+    max_grad_norm: float | None = setting(help="clip gradients to this norm")
+    weights: str | None = setting(
+        help="start from a torchvision .pth or rsscene checkpoint", metavar="PATH"
+    )
+    pretrained: bool = setting(False, "start from torchvision's ImageNet weights (from its cache)")
+    freeze_backbone: bool = setting(False, "train the classifier only")
+    sync_bn: bool = setting(False, "SyncBatchNorm under torchrun")
+    strict: bool = setting(False, "fail on any unreadable image")
+    out: str | None = setting(help="run folder (default runs/ARCH-TIMESTAMP)", metavar="DIR")
+    tutorial: bool = setting(
+        False, "the tutorial's recipe: Resize 224, flip, Adam 5e-4, batch 32, 30 epochs, float32"
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -99,22 +181,6 @@ TUTORIAL = {
     "cache": "none",
     "amp": "off",
     "channels_last": False,
-}
-
-# Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
-# linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
-OPTIMIZER_DEFAULTS = {
-    "sgd": {"lr": 0.1, "weight_decay": 5e-4, "scaling": "linear"},
-    "adamw": {"lr": 3e-3, "weight_decay": 0.05, "scaling": "sqrt"},
-    "adam": {"lr": 1e-3, "weight_decay": 0.0, "scaling": "sqrt"},
-}
-REFERENCE_BATCH = 64
-OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
-
-# Device-dependent defaults for the fields left at None.
-DEVICE_DEFAULTS = {
-    "cpu": {"epochs": 55, "img_size": 128},
-    "gpu": {"epochs": 100, "img_size": 192},
 }
 
 
@@ -150,6 +216,45 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def setting_types() -> dict[str, type]:
+    """Each field's value type, ``None`` left out (``int | None`` gives ``int``)."""
+    out = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = typing.get_origin(hint) or hint
+        out[name] = args[0] if base in (typing.Union, types.UnionType) else base
+    return out
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """``value`` as a ``kind`` setting: text parsed as its flag parses it, an int widened to a
+    float, a pair made a tuple of floats; anything else is refused."""
+    if value is None or (type(value) is kind and kind is not tuple):
+        return value
+    parse = next(f.metadata["parse"] for f in fields(TrainConfig) if f.name == name) or kind
+    try:
+        if isinstance(value, str) and kind is not bool:
+            return parse(value)
+        if kind is float and type(value) is int:
+            return float(value)
+        if kind is tuple and isinstance(value, list | tuple) and len(value) == 2:
+            return tuple(float(v) for v in value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        pass
+    raise UserError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}")
+
+
+def from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A validated config from setting names and values; names it does not know are refused."""
+    unknown = sorted(set(values) - field_names())
+    if unknown:
+        raise UserError(f"unknown settings {unknown}")
+    kinds = setting_types()
+    cfg = TrainConfig(**{k: _coerce(k, v, kinds[k]) for k, v in values.items()})
+    validate(cfg)
+    return cfg
+
+
 def build(overrides: dict[str, Any], file: str | Path | None = None) -> TrainConfig:
     """Defaults, then the tutorial recipe if asked, then the file, then explicit flags."""
     merged: dict[str, Any] = {}
@@ -159,11 +264,7 @@ def build(overrides: dict[str, Any], file: str | Path | None = None) -> TrainCon
         merged.update(TUTORIAL)
     merged.update(file_values)
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig(**merged)
-    if isinstance(cfg.crop_scale, list):
-        cfg.crop_scale = tuple(cfg.crop_scale)
-    validate(cfg)
-    return cfg
+    return from_dict(merged)
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
@@ -172,9 +273,7 @@ def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def validate(cfg: TrainConfig) -> None:
-    from rsscene.data.datasets import CACHE_MODES
-    from rsscene.models import MODELS, VARIANTS
-
+    """Refuse, in one line naming the flag, any value no run could use."""
     _choice("arch", cfg.arch, tuple(MODELS))
     _choice("variant", cfg.variant, VARIANTS)
     _choice("optimizer", cfg.optimizer, OPTIMIZERS)
@@ -196,6 +295,9 @@ def validate(cfg: TrainConfig) -> None:
     if not 0 < lo <= hi <= 1:
         raise UserError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")
     for name in ("label_smoothing", "ema", "mixup", "cutmix", "jitter", "weight_decay"):
+        if (getattr(cfg, name) or 0) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must not be negative")
+    for name in ("momentum", "warmup_epochs", "max_grad_norm", "workers"):
         if (getattr(cfg, name) or 0) < 0:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.ema < 1:

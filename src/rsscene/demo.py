@@ -10,7 +10,7 @@ from rsscene.config import build
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
 from rsscene.engine.evaluate import evaluate_checkpoint
-from rsscene.engine.train import train
+from rsscene.engine.train import Trainer
 from rsscene.errors import UserError
 from rsscene.inference import Predictor, collect_images
 
@@ -56,7 +56,7 @@ def run_demo(
     if img_size:
         settings.update(img_size=img_size, eval_size=img_size)
     cfg = build(settings)
-    train(cfg)
+    Trainer.from_config(cfg).fit()
     print("[4/5] evaluate: last.pt on the test split")
     report = evaluate_checkpoint(run / "last.pt", split, out=run / "eval", tta=True)
     print("[5/5] predict: three test images")

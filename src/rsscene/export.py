@@ -71,7 +71,7 @@ def metadata(predictor: Predictor) -> dict[str, Any]:
         "format": "rsscene-export",
         "rsscene_version": __version__,
         "arch": predictor.arch,
-        "variant": predictor.ckpt.get("variant", "v1.5"),
+        "variant": predictor.ckpt.variant,
         "class_names": predictor.classes,
         "input_size": predictor.size,
         "input": "image: float32 RGB in 0..1, N x 3 x input_size x input_size",

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rsscene import checkpoint
 from rsscene.data.images import ImageError, is_image_file, load_tensor
 from rsscene.data.transforms import eval_batch, tta_logits
+from rsscene.models import load_model
 
 
 @dataclass
@@ -54,17 +54,16 @@ class Predictor:
     """A checkpoint's model with its preprocessing, ready for batches of images."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "cpu") -> None:
-        self.model, self.ckpt = checkpoint.load_model(ckpt_path)
-        self.classes: list[str] = list(self.ckpt["class_names"])
-        pre = self.ckpt.get("preprocess") or {}
-        self.size: int = int(pre.get("size") or self.ckpt.get("config", {}).get("eval_size") or 224)
-        self.normalize: bool = pre.get("mean", True) is not None
+        self.model, self.ckpt = load_model(ckpt_path)
+        self.classes: list[str] = list(self.ckpt.class_names)
+        self.size: int = self.ckpt.preprocess.size
+        self.normalize: bool = self.ckpt.preprocess.normalize
         self.device = torch.device(device)
         self.model.to(self.device)
 
     @property
     def arch(self) -> str:
-        return self.ckpt["arch"]
+        return self.ckpt.arch
 
     def prepare(self, images: list[Tensor]) -> Tensor:
         """uint8 ``3 x size x size`` images → the normalised float batch the model expects."""

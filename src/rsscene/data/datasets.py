@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
+from rsscene.config import CACHE_MODES
 from rsscene.data.images import ImageError, is_image_file, load_tensor
 from rsscene.data.transforms import to_device
 from rsscene.errors import UserError
@@ -31,7 +32,6 @@ from rsscene.errors import UserError
 log = logging.getLogger("rsscene")
 
 EVAL_FOLDERS = ("test", "val", "valid", "validation")
-CACHE_MODES = ("auto", "memory", "disk", "none")
 # The memory cache is chosen by "auto" while it needs less than this share of free RAM, and
 # moved to the GPU while it needs less than this share of the GPU's free memory.
 MEMORY_SHARE = 0.25
@@ -98,11 +98,6 @@ class Split:
     train: ImageList
     test: ImageList
     val: ImageList | None = None
-
-    @property
-    def select(self) -> ImageList:
-        """The images ``best.pt`` is chosen on: ``val`` when it exists, else ``test``."""
-        return self.val if self.val is not None else self.test
 
 
 def find_eval_folder(root: Path) -> Path:
@@ -362,6 +357,7 @@ class BatchLoader:
         strict: bool = False,
         progress: bool = True,
     ) -> None:
+        self.images = images
         self.size = size
         self.device = torch.device(device)
         self.workers = workers
@@ -433,3 +429,49 @@ def chunks(indices: list[int], size: int, drop_last: bool = False) -> list[list[
     if drop_last and len(out) > 1 and len(out[-1]) < size:
         out.pop()
     return out
+
+
+@dataclass
+class TrainData:
+    """What a trainer reads: training batches, the held-out images evaluated after each epoch
+    (``test``, and ``val`` when the split has one, which then chooses ``best.pt``), and the
+    class names in label order."""
+
+    train: BatchLoader
+    test: BatchLoader | None = None
+    val: BatchLoader | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
+
+    @property
+    def held_out(self) -> dict[str, BatchLoader]:
+        return {name: loader for name in ("test", "val") if (loader := getattr(self, name))}
+
+    @classmethod
+    def from_split(
+        cls,
+        root: str | Path,
+        img_size: int,
+        eval_size: int | None = None,
+        cache: str = "auto",
+        workers: int = 0,
+        device: torch.device | str = "cpu",
+        strict: bool = False,
+        progress: bool = True,
+    ) -> TrainData:
+        """Loaders over a prepared split: training images stored at ``img_size``, held-out
+        ones at ``eval_size`` (default: the same)."""
+        split = open_split(root)
+        eval_size = eval_size or img_size
+        train = BatchLoader(split.train, img_size, cache, workers, device, strict, progress)
+        # Held-out images are decoded into a store even with --cache none: an unreadable one
+        # must be left out and counted, not replaced by another as in training.
+        eval_cache = "memory" if cache == "none" else cache
+        held_out = {
+            name: BatchLoader(images, eval_size, eval_cache, workers, device, strict, progress)
+            for name, images in (("test", split.test), ("val", split.val))
+            if images is not None
+        }
+        return cls(train, **held_out)

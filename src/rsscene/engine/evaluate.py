@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 from dataclasses import dataclass
@@ -15,13 +14,8 @@ from torch import Tensor, nn
 
 from rsscene.data.datasets import BatchLoader, chunks, find_eval_folder, list_images
 from rsscene.data.transforms import eval_batch, tta_logits
+from rsscene.engine.device import autocast
 from rsscene.errors import UserError
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass
@@ -29,6 +23,15 @@ class Predictions:
     logits: Tensor  # N x C, float32, on the CPU
     labels: Tensor  # N
     rows: Tensor  # indices into the loader's images
+
+    @classmethod
+    def concat(cls, parts: list[Predictions]) -> Predictions:
+        """One set from several, e.g. every process's share of a held-out split."""
+        return cls(
+            torch.cat([p.logits for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.rows for p in parts]),
+        )
 
 
 @torch.inference_mode()

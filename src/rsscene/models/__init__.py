@@ -1,4 +1,4 @@
-"""The ResNet family and its registry."""
+"""The ResNet family, its registry, and the ways weights get into it."""
 
 from rsscene.models.resnet import (
     ARCHS,
@@ -7,15 +7,20 @@ from rsscene.models.resnet import (
     BasicBlock,
     Bottleneck,
     ResNet,
-    clean_state_dict,
     create_model,
-    from_weights,
-    load_backbone,
     resnet18,
     resnet34,
     resnet50,
     resnet101,
     resnet152,
+)
+from rsscene.models.weights import (
+    clean_state_dict,
+    from_weights,
+    load_backbone,
+    load_model,
+    load_pretrained,
+    model_from_checkpoint,
 )
 
 __all__ = [
@@ -29,6 +34,9 @@ __all__ = [
     "create_model",
     "from_weights",
     "load_backbone",
+    "load_model",
+    "load_pretrained",
+    "model_from_checkpoint",
     "resnet18",
     "resnet34",
     "resnet50",

@@ -10,7 +10,6 @@ conv, as in the original paper).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -209,55 +208,3 @@ def create_model(arch: str, **kwargs) -> ResNet:
         raise ValueError(
             f"unknown architecture {arch!r}; choose one of {', '.join(MODELS)}"
         ) from None
-
-
-def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Strip the ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add."""
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix) :]
-        out[key] = value
-    return out
-
-
-def load_backbone(model: ResNet, state: dict[str, Tensor]) -> list[str]:
-    """Load ``state`` into ``model``; a classifier of another shape is re-initialised.
-
-    Returns the names of the keys that were not taken from ``state`` (empty when the
-    checkpoint matched exactly). Any other mismatch raises, as ``strict=True`` would.
-    """
-    state = clean_state_dict(state)
-    own = model.state_dict()
-    skipped = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
-    if not skipped:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"weights do not fit {type(model).__name__}: {str(e)[:300]}") from None
-        return []
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != set(skipped):
-        raise ValueError(
-            f"weights do not fit {type(model).__name__}: missing {sorted(set(missing) - set(skipped))},"
-            f" unexpected {sorted(unexpected)}"
-        )
-    model.fc.reset_parameters()
-    return skipped
-
-
-def from_weights(
-    arch: str, path: str | Path, num_classes: int = 1000, **kwargs
-) -> tuple[ResNet, list[str]]:
-    """Build ``arch`` and load a local weights file into it; nothing is downloaded.
-
-    Returns the model and the list of re-initialised keys (the classifier when its
-    number of classes differs from the file's).
-    """
-    from rsscene.checkpoint import read_state_dict
-
-    model = create_model(arch, num_classes=num_classes, **kwargs)
-    reinit = load_backbone(model, read_state_dict(path))
-    return model, reinit

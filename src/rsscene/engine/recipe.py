@@ -1,0 +1,161 @@
+"""The recipe's pure functions: parameter groups, optimizer, schedule, augmentation, mixup and
+the seeds that make every step's randomness a function of (seed, epoch, step, rank)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rsscene import checkpoint
+from rsscene.config import TrainConfig
+from rsscene.data.datasets import chunks
+from rsscene.data.transforms import Augment, to_device
+from rsscene.errors import UserError
+from rsscene.models import ResNet, create_model, load_backbone, load_pretrained
+
+
+def build_model(
+    cfg: TrainConfig, num_classes: int, load_weights: bool = True
+) -> tuple[ResNet, str | None]:
+    """The model ``cfg`` starts from: built, with ``--weights`` or ``--pretrained`` loaded
+    (unless not ``load_weights``) and the backbone frozen if asked; with a note to print when
+    the classifier was replaced."""
+    model = create_model(
+        cfg.arch,
+        num_classes=num_classes,
+        variant=cfg.variant,
+        zero_init_residual=cfg.zero_init_residual,
+    )
+    note = None
+    if load_weights and (cfg.weights or cfg.pretrained):
+        if cfg.weights:
+            start, source = checkpoint.read_state_dict(cfg.weights), cfg.weights
+        else:
+            start, source = load_pretrained(cfg.arch), f"torchvision {cfg.arch} ImageNet weights"
+        try:
+            reinit = load_backbone(model, start)
+        except (ValueError, RuntimeError) as e:
+            raise UserError(f"--weights {source}: {str(e)[:300]}") from None
+        if reinit:
+            note = (
+                f"loaded {source}; classifier re-initialised for {num_classes} classes (the"
+                " file's has another size)"
+            )
+    if cfg.freeze_backbone:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("fc.")
+    return model, note
+
+
+def param_groups(model: nn.Module, weight_decay: float, wd_norm_bias: bool) -> list[dict]:
+    """Weight decay on conv/linear weights only, unless ``wd_norm_bias`` (as in timm)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 or wd_norm_bias else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, over ``model``'s trainable parameters (``cfg`` resolved)."""
+    groups = param_groups(model, cfg.weight_decay, cfg.wd_norm_bias)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adam(groups, lr=cfg.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then the schedule's decay."""
+    if schedule == "constant":
+        return 1.0
+    if step < warmup:
+        return 0.05 + 0.95 * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "onecycle":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``cfg.schedule`` over ``cfg.epochs`` epochs of ``steps_per_epoch`` steps, stepped per step."""
+    total = steps_per_epoch * cfg.epochs
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    schedule = cfg.schedule
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, schedule)
+    )
+
+
+def make_augment(cfg: TrainConfig) -> Augment:
+    """The batch augmentation ``cfg`` describes, at the training resolution."""
+    return Augment(
+        cfg.img_size,
+        scale=cfg.crop_scale,
+        dihedral=cfg.augment == "dihedral",
+        hflip=cfg.augment == "hflip",
+        jitter=cfg.jitter,
+        crop=cfg.crop_scale != (1.0, 1.0),
+        normalize=cfg.normalize,
+    )
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """A 63-bit seed for one step of one rank (``step`` -1: the epoch's permutation)."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_batches(
+    n: int, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This rank's share of each global batch of the epoch's permutation of ``n`` images.
+
+    Every rank draws the same permutation, so the global batches are those of one process
+    with a batch of ``global_batch``.
+    """
+    g = torch.Generator().manual_seed(step_seed(seed, epoch, -1, 0))
+    perm = torch.randperm(n, generator=g).tolist()
+    global_batches = chunks(perm, global_batch, drop_last=True)
+    return [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in global_batches]
+
+
+def mix_batch(
+    x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float, g: torch.Generator
+) -> Tensor:
+    """Mixup or CutMix (one of them per batch, chosen at random) in place on ``x``; soft targets."""
+    target = F.one_hot(y, num_classes).float()
+    if mixup <= 0 and cutmix <= 0:
+        return target
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=g).item() < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    gamma = torch.distributions.Gamma(torch.tensor([alpha, alpha]), torch.tensor([1.0, 1.0]))
+    # Seed a private RNG for the Beta draw: torch.distributions only samples from the global one.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        a, b = gamma.sample().tolist()
+    lam = a / (a + b)
+    perm = to_device(torch.randperm(x.shape[0], generator=g), x.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy = int(torch.randint(0, h, (1,), generator=g))
+        cx = int(torch.randint(0, w, (1,), generator=g))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+        x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x.mul_(lam).add_(x[perm] * (1 - lam))
+    return target * lam + target[perm.to(target.device)] * (1 - lam)
