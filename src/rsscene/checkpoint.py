@@ -37,11 +37,13 @@ class CheckpointError(UserError):
 @dataclass
 class Preprocess:
     """How images are fed to the model: resized to ``size``, divided by 255, then standardised
-    by ``mean``/``std`` (None: not standardised)."""
+    by ``mean``/``std`` (None: not standardised). ``source_size`` is the typical side of the
+    training images before resizing (the window ``rsscene map`` cuts by default), when known."""
 
     size: int = 224
     mean: list[float] | None = field(default_factory=lambda: list(MEAN))
     std: list[float] | None = field(default_factory=lambda: list(STD))
+    source_size: int | None = None
 
     @property
     def normalize(self) -> bool:
@@ -244,6 +246,7 @@ def from_payload(raw: dict[str, Any], path: Path) -> Checkpoint:
             size=int(pre.get("size") or config.get("eval_size") or 224),
             mean=pre.get("mean", list(MEAN)),
             std=pre.get("std", list(STD)),
+            source_size=pre.get("source_size"),
         )
         if values.get("state") is not None:
             values["state"] = TrainingState(**values["state"])

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from rsscene import __version__
@@ -118,12 +119,37 @@ def add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classes", type=comma_list, help="subset of the built-in classes")
     p.add_argument("--format", choices=["png", "jpg"], default="png")
+    p.add_argument(
+        "--mosaic",
+        type=grid_shape,
+        metavar="ROWSxCOLS",
+        help="write one large scene of ROWSxCOLS scenes instead (DST/mosaic.png, its truth in"
+        " DST/mosaic.csv), for checking `rsscene map`",
+    )
     p.set_defaults(func=cmd_synth)
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from rsscene.data.synthetic import CLASSES, generate
+def grid_shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 8x8, got {text}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ROWSxCOLS, got {text}")
+    return rows, cols
 
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from rsscene.data.synthetic import CLASSES, generate, generate_mosaic
+
+    if args.mosaic:
+        rows, cols = args.mosaic
+        try:
+            generate_mosaic(args.dst, rows, cols, args.size, args.seed, args.classes or CLASSES)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote a {rows}x{cols} mosaic of {args.size} px scenes to {args.dst}/mosaic.png")
+        return 0
     try:
         counts = generate(
             args.dst,
@@ -472,6 +498,97 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+# --------------------------------------------------------------------------- map
+def add_map(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="classify a whole scene tile by tile into a (georeferenced) land-use map",
+        description="Cut SCENE into windows, predict them in batches and write classes.tif"
+        " (classes.png without georeference), overlay.png, tiles.csv/.geojson and summary.json"
+        " to --out. GeoTIFFs are read window by window (pip install 'rsscene[geo]').",
+    )
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    p.add_argument("scene", metavar="SCENE", help="a GeoTIFF or any image rsscene reads")
+    p.add_argument("--out", required=True, metavar="DIR")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--tile",
+        type=positive_int,
+        metavar="PX",
+        help="window side in source pixels (default: the size of the training images)",
+    )
+    size.add_argument(
+        "--tile-m", type=positive_float, metavar="M", help="window side in metres on the ground"
+    )
+    p.add_argument(
+        "--stride",
+        type=positive_int,
+        metavar="PX",
+        help="step between windows (default: the tile; smaller overlaps them, and overlapping"
+        " windows average their probabilities; it must divide the tile)",
+    )
+    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tiles", choices=["csv", "geojson"], default="csv", help="cell table format")
+    p.add_argument("--probabilities", action="store_true", help="also write probabilities.tif")
+    p.add_argument("--truth", metavar="CSV", help="row,col,class per cell: report tile accuracy")
+    p.set_defaults(func=cmd_map)
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from rsscene.engine.device import select_device
+    from rsscene.inference import Predictor
+    from rsscene.mapping import map_scene
+
+    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    summary = map_scene(
+        predictor,
+        args.scene,
+        args.out,
+        tile=args.tile,
+        tile_m=args.tile_m,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        tiles=args.tiles,
+        probabilities=args.probabilities,
+        truth=args.truth,
+        progress=sys.stderr.isatty(),
+    )
+    rows, cols = summary["grid"]
+    where = summary["crs"] or "no georeference: pixel coordinates"
+    print(
+        f"{summary['scene']}: {summary['size'][0]}x{summary['size'][1]} px, {summary['bands']}"
+        f" band(s), {where}; {summary['tile']} px tiles every {summary['stride']} px ->"
+        f" {rows}x{cols} cells, {summary['windows']} windows predicted,"
+        f" {summary['windows_skipped_nodata']} skipped as nodata"
+    )
+    unit = summary["area_unit"]
+    width = max(len(c) for c in summary["per_class"])
+    for name, v in summary["per_class"].items():
+        print(
+            f"  {name:<{width}}  {v['cells']:7d} cells  {v['share']:6.1%}  {v['area']:12.4f} {unit}"
+        )
+    if "truth" in summary:
+        t = summary["truth"]
+        print(f"tile accuracy against {t['file']}: {t['accuracy']:.2%} of {t['tiles']} tiles")
+    print(
+        f"wrote {', '.join(Path(f).name for f in summary['files'])} and summary.json to {args.out}"
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- serve
 def byte_size(text: str) -> int:
     """``10MB``, ``512KB``, ``2MiB`` or a plain number of bytes."""
@@ -568,6 +685,7 @@ COMMANDS = [
     add_predict,
     add_demo,
     add_cam,
+    add_map,
     add_export,
     add_serve,
 ]

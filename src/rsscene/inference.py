@@ -54,6 +54,7 @@ class Predictor:
     """A checkpoint's model with its preprocessing, ready for batches of images."""
 
     def __init__(self, ckpt_path: str | Path, device: str = "cpu") -> None:
+        self.source = str(ckpt_path)
         self.model, self.ckpt = load_model(ckpt_path)
         self.classes: list[str] = list(self.ckpt.class_names)
         self.size: int = self.ckpt.preprocess.size

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
@@ -49,6 +50,20 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def typical_side(images: ImageList, sample: int = 64) -> int | None:
+    """The median shorter side of up to ``sample`` of the images (from their headers), or None
+    when none can be read that way."""
+    step = max(1, len(images) // sample)
+    sides = []
+    for path in images.paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+    return int(np.median(sides)) if sides else None
 
 
 def list_classes(folder: Path) -> list[str]:

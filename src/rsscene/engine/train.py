@@ -33,7 +33,7 @@ from tqdm import tqdm
 from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, Preprocess, TrainingState
 from rsscene.config import TrainConfig, resolve
-from rsscene.data.datasets import Batch, BatchLoader, TrainData, chunks
+from rsscene.data.datasets import Batch, BatchLoader, TrainData, chunks, typical_side
 from rsscene.data.transforms import MEAN, STD
 from rsscene.engine import distributed, recipe, runstate
 from rsscene.engine.device import (
@@ -108,6 +108,7 @@ class Trainer:
         self.data = data
         self.classes = data.classes
         self.fingerprint = runstate.data_fingerprint(self.classes, data.train.images)
+        self.source_size = typical_side(data.train.images)
         self.select = "val" if data.val is not None else "test"
         self.augment = recipe.make_augment(self.cfg)
         self._wrap(model)
@@ -253,6 +254,7 @@ class Trainer:
                 self.cfg.eval_size,
                 list(MEAN) if normalize else None,
                 list(STD) if normalize else None,
+                self.source_size,
             ),
             config=self.cfg.to_dict(),
             data_fingerprint=self.fingerprint,

@@ -5,6 +5,9 @@
                    ``{"predictions": [{"file": name, "top": [{"class", "probability"}]}]}``
 ``POST /cam``      one image, the same ways; a Grad-CAM overlay PNG (``?format=json``: base64
                    in JSON; ``?class=NAME``: explain that class instead of the predicted one)
+``POST /map``      one scene, the same ways, mapped tile by tile (``rsscene map``): the summary
+                   and the overlay PNG as base64 in JSON (``?format=png``: the PNG alone;
+                   ``?tile=PX&stride=PX`` as the command's)
 ``GET /classes``, ``GET /health``, ``GET /metrics``, and ``GET /``: the one-page web UI.
 
 The checkpoint is loaded once. Predictions are micro-batched: each request's decoded images
@@ -26,6 +29,7 @@ import base64
 import binascii
 import json
 import logging
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -43,10 +47,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
-from rsscene.data.images import ImageError
+from rsscene.data.images import MAX_PIXELS, ImageError
 from rsscene.errors import UserError
 from rsscene.explain import class_index, explain, overlay_png
 from rsscene.inference import Prediction, Predictor
+from rsscene.mapping import map_scene
 
 DEFAULT_MAX_BYTES = 10_000_000
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -366,5 +371,37 @@ def create_app(
                 "png": base64.b64encode(png).decode(),
             }
         return Response(png, media_type="image/png")
+
+    @app.post("/map", response_model=None)
+    async def map_upload(
+        request: Request,
+        tile: int | None = Query(None, ge=8),
+        stride: int | None = Query(None, ge=1),
+        format: Literal["json", "png"] = "json",
+    ) -> Response | dict[str, Any]:
+        ((name, data),) = await read_images(request, 1)
+        summary, png = await worker.call(map_upload_now, name, data, tile, stride)
+        if format == "png":
+            return Response(png, media_type="image/png")
+        return {"summary": summary, "overlay": base64.b64encode(png).decode()}
+
+    def map_upload_now(
+        name: str, data: bytes, tile: int | None, stride: int | None
+    ) -> tuple[dict[str, Any], bytes]:
+        with tempfile.TemporaryDirectory(prefix="rsscene-map-") as tmp:
+            # rasterio reads TIFFs by window; other formats are decoded by their content.
+            suffix = ".tif" if data[:4] in (b"II*\x00", b"MM\x00*") else ".upload"
+            scene = Path(tmp) / f"scene{suffix}"
+            scene.write_bytes(data)
+            try:
+                summary = map_scene(
+                    predictor, scene, Path(tmp), tile=tile, stride=stride, max_pixels=MAX_PIXELS
+                )
+            except UserError as e:
+                raise ApiError(422, str(e).replace(str(scene), name)) from None
+            png = (Path(tmp) / "overlay.png").read_bytes()
+        for key in ("files", "checkpoint"):
+            summary.pop(key)
+        return {**summary, "scene": name}, png
 
     return app

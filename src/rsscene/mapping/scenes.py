@@ -1,0 +1,129 @@
+"""Scenes read window by window: rasters through rasterio (the ``geo`` extra), so a scene far
+larger than memory maps in bounded memory, and other images decoded whole, up to their own
+limit (``RSSCENE_MAP_MAX_PIXELS``, 250 MP)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsscene.data.images import ImageError, open_image
+
+MAX_DECODED_PIXELS = int(os.environ.get("RSSCENE_MAP_MAX_PIXELS", 250_000_000))
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
+
+
+@dataclass
+class Scene:
+    """A scene's size, bands and georeference, and a reader of windows ``C x h x w``."""
+
+    path: Path
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: Any = None  # a rasterio CRS, or None without georeference
+    transform: Any = None  # an affine.Affine from pixel (col, row) to map (x, y)
+    _raster: Any = field(default=None, repr=False)
+    _pixels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None and self.transform is not None
+
+    def read(self, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+        """The window's pixels ``C x h x w`` in the scene's dtype, and its valid-pixel mask."""
+        if self._pixels is not None:
+            return self._pixels[:, y : y + h, x : x + w], np.ones((h, w), dtype=bool)
+        from rasterio.windows import Window
+
+        window = Window(x, y, w, h)
+        try:
+            pixels = self._raster.read(window=window)
+            valid = self._raster.dataset_mask(window=window) > 0
+        except Exception as e:  # rasterio reports damage as RasterioIOError, CPLE_*Error...
+            raise ImageError(str(self.path), f"corrupt or truncated raster ({e})") from None
+        return pixels, valid
+
+    def preview(self, max_side: int) -> np.ndarray:
+        """The whole scene, decimated to at most ``max_side`` px a side: ``C x h x w``."""
+        scale = max(self.width, self.height) / max_side
+        if self._pixels is not None:
+            step = max(1, int(np.ceil(scale)))
+            return self._pixels[:, ::step, ::step]
+        h, w = max(1, round(self.height / max(scale, 1))), max(1, round(self.width / max(scale, 1)))
+        return self._raster.read(out_shape=(self.count, h, w))
+
+    def close(self) -> None:
+        if self._raster is not None:
+            self._raster.close()
+
+
+def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
+    """A raster read by window through rasterio (the ``geo`` extra), or an image decoded whole;
+    a scene over ``max_pixels`` is refused (the server's limit; the command has none for
+    rasters)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(str(path), "no such file" if not path.exists() else "is a directory")
+    if path.suffix.lower() in RASTER_SUFFIXES:
+        try:
+            import rasterio
+        except ModuleNotFoundError:
+            pass  # decoded whole below, without its georeference
+        else:
+            scene = _open_raster(path, rasterio)
+            if max_pixels is not None and scene.width * scene.height > max_pixels:
+                scene.close()
+                raise ImageError(
+                    str(path),
+                    f"too large ({scene.width}x{scene.height} = {scene.width * scene.height:,}"
+                    f" pixels > {max_pixels:,})",
+                )
+            return scene
+    img = open_image(path, max_pixels=min(max_pixels or MAX_DECODED_PIXELS, MAX_DECODED_PIXELS))
+    pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+    return Scene(path, img.width, img.height, 3, "uint8", _pixels=pixels)
+
+
+def _open_raster(path: Path, rasterio: Any) -> Scene:
+    try:
+        with warnings.catch_warnings():
+            # A plain TIFF is fine: it is mapped in pixel coordinates, and the summary says so.
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as e:
+        raise ImageError(str(path), f"not a readable raster ({e})") from None
+    georeferenced = src.crs is not None and not src.transform.is_identity
+    return Scene(
+        path,
+        src.width,
+        src.height,
+        src.count,
+        src.dtypes[0],
+        crs=src.crs if georeferenced else None,
+        transform=src.transform if georeferenced else None,
+        _raster=src,
+    )
+
+
+def as_rgb8(pixels: np.ndarray) -> np.ndarray:
+    """A window ``C x h x w`` of any dtype as the 3-band uint8 image an RGB model takes, by the
+    rules :func:`rsscene.data.images.open_image` applies to whole files: one band is repeated,
+    16-bit values are scaled from 0..65535, floats by their maximum; a fourth band and beyond
+    (near-infrared, alpha) are left out."""
+    if pixels.shape[0] < 3:
+        pixels = np.repeat(pixels[:1], 3, axis=0)
+    pixels = pixels[:3]
+    if pixels.dtype == np.uint8:
+        return pixels
+    if pixels.dtype in (np.uint16, np.int16):
+        peak = 65535.0
+    else:
+        peak = max(float(np.nanmax(pixels)) if pixels.size else 1.0, 1.0)
+    return np.clip(np.nan_to_num(pixels * (255.0 / peak)), 0, 255).astype(np.uint8)

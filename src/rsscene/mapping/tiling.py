@@ -1,0 +1,165 @@
+"""The grid of windows over a scene, and batched prediction over it.
+
+Windows of ``tile`` source pixels start every ``stride`` pixels; the map has one cell per
+``stride`` x ``stride`` block, and a cell covered by several overlapping windows takes the mean
+of their probabilities. Windows that are mostly nodata are skipped and their cells marked as
+nodata. Reading the next batch of windows overlaps with the model's work on this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
+
+from rsscene.errors import UserError
+from rsscene.inference import Predictor
+from rsscene.mapping.scenes import Scene, as_rgb8
+
+# Cells x classes of the probability sums held in memory (float32: 400 MB).
+MAX_CELL_VALUES = 100_000_000
+# A window with more than this share of nodata pixels is not predicted.
+MAX_NODATA_SHARE = 0.5
+NODATA_CLASS = 255
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Windows of ``tile`` px every ``stride`` px; cells of ``stride`` px, ``rows`` x ``cols``."""
+
+    tile: int
+    stride: int
+    window_rows: int
+    window_cols: int
+
+    @property
+    def span(self) -> int:
+        """Cells a window covers along each side."""
+        return self.tile // self.stride
+
+    @property
+    def rows(self) -> int:
+        return self.window_rows + self.span - 1
+
+    @property
+    def cols(self) -> int:
+        return self.window_cols + self.span - 1
+
+    def windows(self) -> Iterator[tuple[int, int]]:
+        """(row, col) of each window's first cell, row by row."""
+        for i in range(self.window_rows):
+            for j in range(self.window_cols):
+                yield i, j
+
+
+def make_grid(scene: Scene, tile: int, stride: int | None = None) -> Grid:
+    """The windows over ``scene``, or a one-line error for a tile or stride that cannot work."""
+    stride = stride or tile
+    if tile < 8 or stride < 1:
+        raise UserError(
+            f"--tile must be at least 8 px and --stride at least 1, got {tile}, {stride}"
+        )
+    if tile % stride:
+        raise UserError(f"--stride {stride} must divide --tile {tile}, so that cells align")
+    if tile > min(scene.width, scene.height):
+        raise UserError(
+            f"{scene.path}: the scene ({scene.width}x{scene.height} px) is smaller than one"
+            f" {tile} px tile; use a --tile of at most {min(scene.width, scene.height)}"
+        )
+    grid = Grid(
+        tile, stride, (scene.height - tile) // stride + 1, (scene.width - tile) // stride + 1
+    )
+    return grid
+
+
+# --------------------------------------------------------------------------- prediction
+@dataclass
+class MapResult:
+    """Per cell: the summed probabilities of the windows that covered it, and their count."""
+
+    grid: Grid
+    classes: list[str]
+    prob_sum: np.ndarray  # rows x cols x classes, float32
+    hits: np.ndarray  # rows x cols, windows predicted over each cell
+    windows: int = 0
+    skipped: int = 0  # windows left out as mostly nodata
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return self.prob_sum / np.maximum(self.hits, 1)[..., None]
+
+    @property
+    def class_map(self) -> np.ndarray:
+        """rows x cols uint8: the class index, or :data:`NODATA_CLASS` where nothing was mapped."""
+        out = self.prob_sum.argmax(-1).astype(np.uint8)
+        out[self.hits == 0] = NODATA_CLASS
+        return out
+
+
+def _read_batch(
+    scene: Scene, grid: Grid, cells: list[tuple[int, int]], size: int
+) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
+    """The batch's readable windows as uint8 ``B x 3 x size x size``, their cells, and how
+    many were skipped as nodata."""
+    images, kept = [], []
+    for i, j in cells:
+        pixels, valid = scene.read(j * grid.stride, i * grid.stride, grid.tile, grid.tile)
+        if 1.0 - valid.mean() > MAX_NODATA_SHARE:
+            continue
+        images.append(torch.from_numpy(np.ascontiguousarray(as_rgb8(pixels))))
+        kept.append((i, j))
+    if not images:
+        return torch.empty(0, 3, size, size, dtype=torch.uint8), kept, len(cells)
+    batch = torch.stack(images)
+    if grid.tile != size:
+        # The same antialiased resize as every other pipeline (load_tensor).
+        batch = TF.resize(batch, [size, size], antialias=True)
+    return batch, kept, len(cells) - len(kept)
+
+
+def predict_scene(
+    predictor: Predictor,
+    scene: Scene,
+    grid: Grid,
+    batch_size: int = 64,
+    tta: bool = False,
+    progress: bool = False,
+) -> MapResult:
+    """Predict every window in batches, reading the next batch while the model runs."""
+    k = len(predictor.classes)
+    if grid.rows * grid.cols * k > MAX_CELL_VALUES:
+        raise UserError(
+            f"{scene.path}: a map of {grid.rows}x{grid.cols} cells x {k} classes is too large"
+            f" to hold (over {MAX_CELL_VALUES:,} values); use a larger --stride"
+        )
+    result = MapResult(
+        grid,
+        list(predictor.classes),
+        np.zeros((grid.rows, grid.cols, k), np.float32),
+        np.zeros((grid.rows, grid.cols), np.uint16),
+    )
+    order = list(grid.windows())
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(order), unit="tile", disable=not progress, desc="map")
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.size)
+        for n in range(len(batches)):
+            images, kept, skipped = pending.result()
+            if n + 1 < len(batches):
+                pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.size)
+            if len(kept):
+                probs = predictor.probabilities(list(images), tta=tta).numpy()
+                span = grid.span
+                for (i, j), p in zip(kept, probs, strict=True):
+                    result.prob_sum[i : i + span, j : j + span] += p
+                    result.hits[i : i + span, j : j + span] += 1
+            result.windows += len(kept)
+            result.skipped += skipped
+            bar.update(len(kept) + skipped)
+    bar.close()
+    return result
