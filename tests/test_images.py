@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from PIL import Image
 
 from rsscene import checkpoint
 from rsscene.cli import main
-from rsscene.data.images import ImageError, load_tensor, open_image
+from rsscene.data.images import ImageError, image_size, load_tensor, open_image
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
 from rsscene.data.transforms import MEAN, STD
@@ -138,6 +139,29 @@ def test_16_bit_grey_is_scaled_not_clipped(fmt: str, mode: str) -> None:
     out = np.asarray(open_image(encode(img, fmt)))[..., 0].astype(int)
     assert np.abs(out - ramp // 257).max() <= 1
     assert (out == 255).mean() < 0.1  # clipping would turn almost all of it white
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_grey_is_converted_without_float64_copies(mode: str) -> None:
+    side = 1000
+    data = encode(Image.new(mode, (side, side), 40_000), "PNG")
+    tracemalloc.start()  # numpy's arrays are counted; Pillow's own buffers are not
+    try:
+        out = np.asarray(open_image(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (out == 40_000 // 257).all()
+    # One float64 copy of the image alone would be 8 bytes a pixel.
+    assert peak < 8 * side * side, f"{peak / side / side:.1f} bytes a pixel"
+
+
+def test_image_size_reads_only_the_header() -> None:
+    assert image_size(png_claiming(9_000, 10_000)) == (9_000, 10_000)  # 90 MP of no data
+    with pytest.raises(ImageError, match="decompression bomb"):
+        image_size(png_claiming(11_000, 10_000))
+    with pytest.raises(ImageError, match="not an image"):
+        image_size(b"hello " * 10, name="notes.txt")
 
 
 def test_cmyk_jpeg_keeps_its_colour() -> None:
