@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ import torch
 from PIL import Image
 
 from rsscene import checkpoint
-from rsscene.cli import main
+from rsscene.cli import LOOPBACK, main, served_host_names
 from rsscene.data.synthetic import CLASSES, image_rng, render_scene
 from rsscene.data.transforms import MEAN, STD
 from rsscene.models import create_model
@@ -35,6 +36,8 @@ ROOT = Path(__file__).parents[1]
 SIZE = 64
 MAX_BYTES = 300_000
 MAX_FILES = 4
+MAX_PIXELS = 200_000
+DECODE_WORKERS = 2
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,14 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(ckpt):
-    app = create_app(ckpt, max_bytes=MAX_BYTES, max_files=MAX_FILES, batch_wait_ms=20)
+    app = create_app(
+        ckpt,
+        max_bytes=MAX_BYTES,
+        max_files=MAX_FILES,
+        batch_wait_ms=20,
+        max_pixels=MAX_PIXELS,
+        decode_workers=DECODE_WORKERS,
+    )
     # As a context manager so the lifespan (the model thread and batcher) runs; a 500 raises.
     with TestClient(app) as c:
         yield c
@@ -81,6 +91,13 @@ def _png_header(width: int, height: int) -> bytes:
         + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
         + chunk(b"IEND", b"")
     )
+
+
+def _zeros_png(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A black image: a few hundred bytes that decode to ``width`` x ``height`` pixels."""
+    buf = io.BytesIO()
+    Image.new(mode, (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_predictions(body: dict, names: list[str]) -> None:
@@ -166,6 +183,30 @@ BAD_REQUESTS = {
         400,
         {"content": b"{'images': [", "headers": {"content-type": "application/json"}},
     ),
+    # json.loads recurses once a level: past Python's recursion limit it raises RecursionError.
+    "JSON nested 1,100 deep": (
+        400,
+        {"content": b"[" * 1_100 + b"]" * 1_100, "headers": {"content-type": "application/json"}},
+    ),
+    "JSON nested 100,000 deep in images": (
+        400,
+        {
+            "content": b'{"images": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "headers": {"content-type": "application/json"},
+        },
+    ),
+    "zero-filled PNG over the pixel limit": (
+        413,
+        {"files": {"file": ("zeros.png", _zeros_png(500, 500))}},
+    ),
+    "16-bit PNG over the pixel limit": (
+        413,
+        {"files": {"file": ("zeros16.png", _zeros_png(500, 500, "I;16"))}},
+    ),
+    "files together over the pixel limit": (
+        413,
+        {"files": [("files", (f"{i}.png", _zeros_png(250, 250))) for i in range(4)]},
+    ),
     "bad base64": (400, {"json": {"images": ["not base64!"]}}),
     "wrong JSON": (400, {"json": {"pictures": []}}),
     "no images": (400, {"json": {"images": []}}),
@@ -182,7 +223,85 @@ def test_bad_requests_get_4xx_json(client, case):
     assert isinstance(r.json()["error"], str) and r.json()["error"]
     if case == "decompression bomb":
         assert "decompression bomb" in r.json()["error"]
+    if "pixel limit" in case:
+        assert f"the limit is {MAX_PIXELS:,} a request" in r.json()["error"]
+    if "nested" in case:
+        assert "nested too deeply" in r.json()["error"]
     assert client.get("/health").status_code == 200
+
+
+def test_pixel_limit_is_checked_before_anything_is_decoded(client, monkeypatch):
+    predictor = client.app.state.predictor
+    decoded = []
+    load = predictor.load
+    monkeypatch.setattr(
+        predictor, "load", lambda data, name: decoded.append(name) or load(data, name)
+    )
+    # 16 bytes short of the limit in all: every image decoded, and answered.
+    files = [("files", (f"{i}.png", _zeros_png(200, 250))) for i in range(4)]
+    r = client.post("/predict", files=files)
+    assert r.status_code == 200 and decoded == ["0.png", "1.png", "2.png", "3.png"]
+    # One pixel more in the last image: refused from the headers, none of them decoded.
+    decoded.clear()
+    files[-1] = ("files", ("3.png", _zeros_png(200, 251)))
+    r = client.post("/predict", files=files)
+    assert r.status_code == 413 and "200,200 pixels" in r.json()["error"] and decoded == []
+
+
+def test_decoding_runs_in_a_bounded_pool(client, monkeypatch):
+    predictor = client.app.state.predictor
+    load = predictor.load
+    lock = threading.Lock()
+    running, most = 0, 0
+
+    def slow_load(data: bytes, name: str):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return load(data, name)
+
+    monkeypatch.setattr(predictor, "load", slow_load)
+    data = _png(2)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(
+                lambda i: client.post("/predict", files={"file": (f"{i}.png", data)}).status_code,
+                range(8),
+            )
+        )
+    assert statuses == [200] * 8
+    assert most == DECODE_WORKERS  # 8 requests at once, never more than the pool's threads
+
+
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("127.0.0.1", ["127.0.0.1", "localhost", "::1"]),
+        ("localhost", ["127.0.0.1", "localhost", "::1"]),
+        ("192.0.2.7", ["192.0.2.7"]),
+        ("0.0.0.0", None),
+    ],
+)
+def test_served_host_names(host, allowed):
+    assert served_host_names(host, []) == allowed
+    extra = ["scenes.example.org"]
+    assert served_host_names(host, extra) == [*(allowed or LOOPBACK), *extra]
+
+
+@pytest.mark.parametrize(
+    "flag",
+    ["--max-bytes inf", "--max-bytes 1e999", "--port 70000", "--body-timeout 0", "--max-pixels 0"],
+)
+def test_serve_flag_mistakes_give_one_line(ckpt, flag, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["serve", str(ckpt), *flag.split()])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("rsscene serve: error: argument") and "Traceback" not in err
 
 
 def test_cam_endpoint(client):
@@ -211,13 +330,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BODY_TIMEOUT = 2
+
+
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     """``python -m rsscene serve`` as a real process; yields its base URL."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
+    argv = ["serve", str(ckpt), "--port", str(port), "--body-timeout", str(BODY_TIMEOUT)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rsscene", "serve", str(ckpt), "--port", str(port)],
+        [sys.executable, "-m", "rsscene", *argv],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -246,6 +369,51 @@ def test_real_server_process(server):
     r = httpx.post(f"{server}/predict", files={"file": ("a.png", _png(0))}, timeout=30)
     assert r.status_code == 200
     _check_predictions(r.json(), ["a.png"])
+
+
+def test_real_server_answers_only_to_its_own_host_names(server):
+    port = server.rsplit(":", 1)[1]
+    for name in ("127.0.0.1", "localhost", f"localhost:{port}", f"127.0.0.1:{port}"):
+        assert httpx.get(f"{server}/health", headers={"host": name}).status_code == 200, name
+    # What a page at rebound.example sends once its name points at 127.0.0.1 (DNS rebinding).
+    for name in (f"rebound.example:{port}", "rebound.example", "127.0.0.1.rebound.example", ""):
+        r = httpx.get(f"{server}/classes", headers={"host": name})
+        assert r.status_code == 400 and "is not served here" in r.json()["error"], name
+        r = httpx.post(
+            f"{server}/predict", files={"file": ("a.png", _png(0))}, headers={"host": name}
+        )
+        assert r.status_code == 400, name
+
+
+def _raw_request(url: str, head: str, body: bytes) -> socket.socket:
+    """A connection that has sent ``head`` and then only ``body``, and keeps waiting."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def test_a_slow_or_abandoned_body_gets_408_not_a_500(server):
+    png = _png(0)
+    head = (
+        "POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(png) * 2}\r\n"
+    )
+    before = httpx.get(f"{server}/metrics").json()["status"]
+    slow = [_raw_request(server, head, b'{"images": ["') for _ in range(3)]
+    started = time.monotonic()
+    assert httpx.get(f"{server}/health", timeout=5).status_code == 200  # not held up meanwhile
+    for sock in slow:
+        with sock, sock.makefile("rb") as answer:
+            status = answer.readline()
+            assert status.startswith(b"HTTP/1.1 408"), status
+    assert BODY_TIMEOUT <= time.monotonic() - started < BODY_TIMEOUT + 10
+    # A client that goes away mid-body: nobody to answer, and no server error either.
+    _raw_request(server, head, b'{"images": ["').close()
+    time.sleep(0.5)
+    after = httpx.get(f"{server}/metrics").json()["status"]
+    assert after.get("408", 0) - before.get("408", 0) == 3
+    assert not any(int(code) >= 500 for code in after), after
 
 
 def _chromium() -> tuple[str, str] | None:
