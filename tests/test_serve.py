@@ -416,23 +416,36 @@ def test_a_slow_or_abandoned_body_gets_408_not_a_500(server):
     assert not any(int(code) >= 500 for code in after), after
 
 
-def _chromium() -> tuple[str, str] | None:
+BROWSER_NEEDS = (
+    "the browser test needs Chromium and ChromeDriver (apt-get install -y chromium"
+    " chromium-driver) and selenium (pip install selenium)"
+)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> tuple[str, str]:
+    """(browser, driver) paths; where they are missing, a skip, or in CI (CI set) a failure:
+    CI must not stay green without having looked at the page."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        browser = None
+    if browser and driver:
+        return browser, driver
+    missing = f"{BROWSER_NEEDS}; found chromium={browser}, chromedriver={driver}"
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the browser test, and cannot: {missing}", pytrace=False)
+    pytest.skip(missing)
 
 
-@pytest.mark.skipif(
-    _chromium() is None,
-    reason="browser test needs Chromium and ChromeDriver"
-    " (apt-get install -y chromium chromium-driver) and selenium (pip install selenium)",
-)
-def test_web_page_in_headless_chromium(server, tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
+def test_web_page_in_headless_chromium(chromium, server, tmp_path):
+    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = _chromium()
+    browser, driver_path = chromium
     options = webdriver.ChromeOptions()
     options.binary_location = browser
     for flag in (
@@ -469,6 +482,30 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             driver.save_screenshot(os.environ["RSSCENE_SCREENSHOT"])
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_the_browser_test_fails_in_ci_without_chromium(ci, tmp_path):
+    # Only python on the PATH: no chromium, no chromedriver.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = {**os.environ, "PATH": str(bin_dir), "CI": ci}
+    test = f"{Path(__file__)}::test_web_page_in_headless_chromium"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", test, "-p", "no:cacheprovider", "-q", "-rfs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+    if ci:
+        assert done.returncode == 1 and "1 error" in done.stdout, done.stdout[-2000:]
+        assert "CI must run the browser test, and cannot" in done.stdout
+    else:
+        assert done.returncode == 0 and "1 skipped" in done.stdout, done.stdout[-2000:]
+        assert "the browser test needs Chromium" in done.stdout
 
 
 def test_load_benchmark_smoke():
