@@ -508,21 +508,35 @@ def test_the_browser_test_fails_in_ci_without_chromium(ci, tmp_path):
         assert "the browser test needs Chromium" in done.stdout
 
 
-def test_load_benchmark_smoke():
+def _serve_load(*argv: str, timeout: int) -> str:
+    script = ROOT / "benchmarks" / "serve_load.py"
     result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "serve_load.py"),
-            "--requests",
-            "20",
-            "--concurrency",
-            "4",
-            "--img-size",
-            "64",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [sys.executable, str(script), *argv], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "5xx: 0" in result.stdout and "PASS" in result.stdout
+    return result.stdout
+
+
+def test_load_benchmark_smoke():
+    _serve_load("--requests", "20", "--concurrency", "4", "--img-size", "64", timeout=180)
+
+
+def test_hostile_load_benchmark_smoke():
+    # 20 bad requests: each of the 10 kinds twice, the bombs at a 1-megapixel limit.
+    out = _serve_load(
+        *("--hostile", "--requests", "100", "--bad-share", "0.2", "--concurrency", "4"),
+        *("--img-size", "64", "--max-pixels", "1000000", "--body-timeout", "1"),
+        timeout=300,
+    )
+    assert "bad requests answered as expected: 20/20" in out
+    for kind in ("nested-json", "16-png-bombs", "16-bit-bomb", "rgba-under-limit", "slow-body"):
+        assert f"  {kind} " in out
+    assert "/health answered" in out and "polls with 200" in out
+
+
+@pytest.mark.slow
+def test_hostile_load_benchmark_at_the_readmes_scale():
+    """The README's figures: 500 requests, 16 clients, 50 bad of 10 kinds, 40 MP limit."""
+    out = _serve_load("--hostile", timeout=900)
+    assert "bad requests answered as expected: 50/50" in out
