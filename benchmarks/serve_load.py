@@ -7,8 +7,16 @@ non-image, an empty body) and checks that none got a 5xx and that the server is 
 Exits 1 if any request got a 5xx or failed, if a good request was not answered 200 or a bad
 one not 4xx, or if ``--timeout`` ran out.
 
+``--hostile`` adds to the bad share what an attacker would send: JSON nested 100,000 deep,
+zero-filled PNGs that decode to 100 megapixels (alone, 16 in one request, and 16-bit), RGBA
+and 16-bit zero-filled PNGs just under the server's pixel limit (valid images, answered 200,
+that make it decode as much as it allows), and bodies sent halfway, then left to stall. It
+watches the server meanwhile: ``/health`` every 0.2 s (every answer must be a 200) and its
+resident memory from /proc (Linux), whose peak must stay under ``--max-rss-mib``.
+
     python benchmarks/serve_load.py                       # random-init ResNet-18, 128 px
     python benchmarks/serve_load.py --ckpt runs/x/best.pt --requests 2000 --concurrency 32
+    python benchmarks/serve_load.py --hostile
 """
 
 from __future__ import annotations
@@ -16,12 +24,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -44,8 +55,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--bad-share", type=float, default=0.1, help="share of bad requests, run 2")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds for everything")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds for everything")
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--hostile", action="store_true", help="add hostile requests to run 2")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=40_000_000,
+        help="the server's --max-pixels (default: its default)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=3.0, help="the server's --body-timeout, seconds"
+    )
+    p.add_argument(
+        "--max-rss-mib",
+        type=float,
+        default=3072,
+        help="with --hostile: the bound on the server's peak resident memory (default: 0.8 GiB"
+        " at rest, and 2 decoding threads at about 20 bytes a pixel of 40 MP each, and room)",
+    )
     return p.parse_args(argv)
 
 
@@ -72,23 +100,101 @@ def scene_pngs(size: int, n: int = 10) -> list[bytes]:
     return out
 
 
-def jobs(n: int, bad_share: float, pngs: list[bytes]) -> list[tuple[str, dict]]:
+def zeros_png(width: int, height: int, kind: str = "rgb") -> bytes:
+    """A PNG of black pixels (``rgb``, ``rgba`` or ``grey16``), compressed row by row so that
+    a 100-megapixel one (300 KB) never exists decoded here."""
+    color_type, depth, channels = {"rgb": (2, 8, 3), "rgba": (6, 8, 4), "grey16": (0, 16, 2)}[kind]
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    packer = zlib.compressobj(9)
+    row = bytes(1 + width * channels)  # filter byte 0, then the row's zeros
+    rows_per_step = max(1, 4_000_000 // len(row))
+    idat = [
+        packer.compress(row * min(rows_per_step, height - y))
+        for y in range(0, height, rows_per_step)
+    ]
+    header = struct.pack(">IIBBBBB", width, height, depth, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", b"".join(idat) + packer.flush())
+        + chunk(b"IEND", b"")
+    )
+
+
+# What each kind of request must get. Slow bodies are sent by hand, halfway, then stall.
+EXPECTED = {
+    "good": 200,
+    "corrupt": 422,
+    "not-image": 422,
+    "empty": 400,
+    "nested-json": 400,
+    "png-bomb": 413,
+    "16-png-bombs": 413,
+    "16-bit-bomb": 413,
+    "rgba-under-limit": 200,
+    "16-bit-under-limit": 200,
+    "slow-body": 408,
+}
+SLOW = "slow-body"
+
+
+def hostile_requests(max_pixels: int) -> dict[str, dict]:
+    """httpx keyword arguments for each hostile kind (the slow body: its JSON, sent by hand)."""
+    bomb = zeros_png(10_000, 10_000)  # 100 megapixels, 300 MB decoded, about 300 KB
+    side = int(max_pixels**0.5)  # a square just under the limit
+    json_type = {"content-type": "application/json"}
+    return {
+        "nested-json": {"content": b"[" * 100_000 + b"]" * 100_000, "headers": json_type},
+        "png-bomb": {"files": {"file": ("bomb.png", bomb)}},
+        "16-png-bombs": {"files": [("files", (f"bomb{i}.png", bomb)) for i in range(16)]},
+        "16-bit-bomb": {"files": {"file": ("bomb16.png", zeros_png(10_000, 10_000, "grey16"))}},
+        "rgba-under-limit": {"files": {"file": ("rgba.png", zeros_png(side, side, "rgba"))}},
+        "16-bit-under-limit": {"files": {"file": ("g16.png", zeros_png(side, side, "grey16"))}},
+        SLOW: {"content": json.dumps({"image": "A" * 4000}).encode(), "headers": json_type},
+    }
+
+
+def jobs(
+    n: int, bad_share: float, pngs: list[bytes], hostile: dict[str, dict] | None = None
+) -> list[tuple[str, dict]]:
     """(kind, httpx keyword arguments) for ``n`` requests, ``bad_share`` of them bad, spread out."""
     bad = {
         "corrupt": {"files": {"file": ("corrupt.png", pngs[0][: len(pngs[0]) // 2])}},
         "not-image": {"files": {"file": ("notes.txt", b"this is not an image\n" * 20)}},
         "empty": {"content": b""},
+        **(hostile or {}),
     }
     n_bad = round(n * bad_share)
     bad_at = set(np.linspace(0, n - 1, n_bad).round().astype(int).tolist()) if n_bad else set()
     out = []
     for i in range(n):
         if i in bad_at:
-            kind = list(bad)[len(out) % len(bad)]
+            kind = list(bad)[sum(k != "good" for k, _ in out) % len(bad)]  # each kind in turn
             out.append((kind, bad[kind]))
         else:
             out.append(("good", {"files": {"file": (f"scene{i}.png", pngs[i % len(pngs)])}}))
     return out
+
+
+async def stall_halfway(url: str, body: bytes, headers: dict[str, str]) -> int | None:
+    """Send the headers and half of ``body``, then nothing more; the status the server answers
+    (None if it never does)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        head = f"POST /predict HTTP/1.1\r\nHost: {host}\r\ncontent-length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(head.encode() + b"\r\n" + body[: len(body) // 2])
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 60)
+        return int(status_line.split()[1]) if status_line else None
+    except (OSError, IndexError, ValueError, asyncio.TimeoutError):
+        return None
+    finally:
+        writer.close()
 
 
 async def send_all(
@@ -104,7 +210,10 @@ async def send_all(
             for kind, kwargs in pending:  # one iterator shared by all clients
                 start = time.perf_counter()
                 try:
-                    status: int | None = (await client.post("/predict", **kwargs)).status_code
+                    if kind == SLOW:
+                        status = await stall_halfway(url, kwargs["content"], kwargs["headers"])
+                    else:
+                        status = (await client.post("/predict", **kwargs)).status_code
                 except httpx.HTTPError:
                     status = None  # no answer at all: counts as a failure
                 results.append((kind, status, time.perf_counter() - start))
@@ -119,7 +228,7 @@ def report(name: str, results: list[tuple[str, int | None, float]], wall: float)
     good = [r for r in results if r[0] == "good"]
     bad = [r for r in results if r[0] != "good"]
     good_failed = sum(status != 200 for _, status, _ in good)
-    bad_not_4xx = sum(not (status and 400 <= status < 500) for _, status, _ in bad)
+    bad_unexpected = sum(status != EXPECTED[kind] for kind, status, _ in bad)
     server_errors = sum(bool(status and status >= 500) for _, status, _ in results)
     no_answer = sum(status is None for _, status, _ in results)
     ms = np.array([s for _, status, s in good if status == 200]) * 1000
@@ -130,20 +239,87 @@ def report(name: str, results: list[tuple[str, int | None, float]], wall: float)
         f"{len(good)}; latency of good requests p50 {p50:.1f} ms, p99 {p99:.1f} ms"
     )
     print(
-        f"{name}: 5xx: {server_errors}; no answer: {no_answer}; bad requests answered 4xx:"
-        f" {len(bad) - bad_not_4xx}/{len(bad)}"
+        f"{name}: 5xx: {server_errors}; no answer: {no_answer}; bad requests answered as"
+        f" expected: {len(bad) - bad_unexpected}/{len(bad)}"
     )
-    return not (good_failed or bad_not_4xx or server_errors or no_answer)
+    kinds = sorted({kind for kind, _, _ in bad})
+    if len(kinds) > 3:  # the hostile run: what each kind got
+        for kind in kinds:
+            got = sorted({str(status) for k, status, _ in bad if k == kind})
+            count = sum(k == kind for k, _, _ in bad)
+            print(f"  {kind:<19} {count:>3} x  expected {EXPECTED[kind]}, got {', '.join(got)}")
+    return not (good_failed or bad_unexpected or server_errors or no_answer)
 
 
-async def benchmark(args: argparse.Namespace, url: str, pngs: list[bytes]) -> bool:
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """The server's resident memory (VmRSS) or its peak so far (VmHWM), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+async def watch(url: str, pid: int, stop: asyncio.Event) -> dict[str, float]:
+    """Poll /health every 0.2 s and the server's memory every 0.1 s until ``stop``."""
+    health: list[tuple[int | None, float]] = []
+    rss: list[float] = []
+
+    async def poll_health() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                try:
+                    status: int | None = (await client.get("/health")).status_code
+                except httpx.HTTPError:
+                    status = None
+                health.append((status, time.perf_counter() - start))
+                await asyncio.sleep(0.2)
+
+    async def poll_rss() -> None:
+        while not stop.is_set():
+            rss.append(rss_mib(pid))
+            await asyncio.sleep(0.1)
+
+    await asyncio.gather(poll_health(), poll_rss())
+    ms = np.array([s for _, s in health]) * 1000
+    return {
+        "health_checks": len(health),
+        "health_not_200": sum(status != 200 for status, _ in health),
+        "health_p50_ms": float(np.percentile(ms, 50)),
+        "health_p99_ms": float(np.percentile(ms, 99)),
+        "health_max_ms": float(ms.max()),
+        "rss_sampled_max_mib": max(rss),
+    }
+
+
+async def benchmark(
+    args: argparse.Namespace, url: str, pngs: list[bytes], server: subprocess.Popen
+) -> bool:
     async with httpx.AsyncClient(base_url=url, timeout=10) as client:
         results, wall = await send_all(url, jobs(args.requests, 0.0, pngs), args.concurrency)
         ok = report("run 1 (all good)", results, wall)
+        hostile = hostile_requests(args.max_pixels) if args.hostile else None
+        rss_before = rss_mib(server.pid)
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(watch(url, server.pid, stop))
         mixed, wall = await send_all(
-            url, jobs(args.requests, args.bad_share, pngs), args.concurrency
+            url, jobs(args.requests, args.bad_share, pngs, hostile), args.concurrency
         )
-        ok = report("run 2 (mixed)", mixed, wall) and ok
+        stop.set()
+        seen = await watcher
+        ok = report("run 2 (mixed, hostile)" if hostile else "run 2 (mixed)", mixed, wall) and ok
+        peak = rss_mib(server.pid, "VmHWM")
+        print(
+            f"during run 2: /health answered {seen['health_checks'] - seen['health_not_200']}/"
+            f"{seen['health_checks']} polls with 200, p50 {seen['health_p50_ms']:.1f} ms,"
+            f" p99 {seen['health_p99_ms']:.1f} ms, max {seen['health_max_ms']:.1f} ms;"
+            f" server RSS {rss_before:.0f} MiB before, peak {peak:.0f} MiB"
+            + (f" (bound {args.max_rss_mib:.0f} MiB)" if args.hostile else "")
+        )
+        ok = ok and seen["health_not_200"] == 0
+        if args.hostile and peak > args.max_rss_mib:
+            print(f"FAIL: peak RSS {peak:.0f} MiB is over the bound of {args.max_rss_mib:.0f}")
+            ok = False
         health = await client.get("/health")
         metrics = (await client.get("/metrics")).json()
     print(
@@ -183,13 +359,15 @@ def main(argv: list[str] | None = None) -> int:
         log_path = Path(tmp) / "server.log"
         command = [sys.executable, "-m", "rsscene", "serve", str(ckpt), "--port", str(port)]
         command += ["--batch-wait-ms", str(args.batch_wait_ms)]
+        command += ["--max-pixels", str(args.max_pixels), "--body-timeout", str(args.body_timeout)]
         print(f"serving {ckpt} at {url}; {args.concurrency} clients, {size} px PNG images")
         with log_path.open("w") as log:
             server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ)
         try:
             wait_until_up(url, server, deadline)
             left = deadline - time.monotonic()
-            ok = asyncio.run(asyncio.wait_for(benchmark(args, url, scene_pngs(size)), left))
+            run = benchmark(args, url, scene_pngs(size), server)
+            ok = asyncio.run(asyncio.wait_for(run, left))
         except (TimeoutError, asyncio.TimeoutError, RuntimeError) as e:
             print(f"FAILED: {e or 'timed out'}; server log:\n{log_path.read_text()[-3000:]}")
             return 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -17,12 +16,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, CheckpointError
 from rsscene.cli import main
 from rsscene.models import create_model
-from test_images import tiny_checkpoint
+from test_images import CLASSES, tiny_checkpoint
 
 MARK = 1.2345  # a value easy to find among the bytes of a saved file
 
@@ -63,21 +63,111 @@ def test_a_truncated_file_is_not_readable(keep: float, tmp_path: Path) -> None:
         checkpoint.load(path)
 
 
-@settings(max_examples=60, deadline=None)
-@given(at=st.floats(0, 1), value=st.integers(0, 255), cut=st.booleans())
-def test_damaged_files_raise_only_checkpoint_error(
+# What a damaged checkpoint may be refused as: each a one-line error naming the file.
+DAMAGE = (
+    "not a readable checkpoint",
+    "checksum mismatch: the weights are corrupt",
+    "checksum mismatch: what describes the weights",
+    "refused as unsafe",  # a damaged pickle can name a global that was never there
+    "not an rsscene checkpoint",
+    "checkpoint lacks",
+    "cannot read",
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(at=st.floats(0, 1), value=st.integers(1, 255), cut=st.booleans())
+def test_damaged_files_are_refused_in_one_line_or_load_unchanged(
     at: float, value: int, cut: bool, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     path = tmp_path_factory.getbasetemp() / "fuzz.pt"
     checkpoint.save(payload(), path)
+    original = checkpoint.load(path)
     data = bytearray(path.read_bytes())
     i = min(int(at * len(data)), len(data) - 1)
     if cut:
         del data[i:]
     else:
-        data[i] = value
+        data[i] ^= value  # never 0: the byte changes
     path.write_bytes(data)
-    with contextlib.suppress(CheckpointError):
+    try:
+        loaded = checkpoint.load(path)
+    except CheckpointError as e:
+        message = str(e)
+        assert message.startswith(f"{path}: ") and "\n" not in message, message
+        assert any(kind in message for kind in DAMAGE), message
+    else:
+        # Only a byte that nothing reads (zip padding, a timestamp) may change nothing.
+        assert not cut
+        assert loaded.model.keys() == original.model.keys()
+        assert all(torch.equal(loaded.model[k], v) for k, v in original.model.items())
+        assert dataclasses.replace(loaded, model={}) == dataclasses.replace(original, model={})
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A ResNet-18 checkpoint as predict loads it, and an image to predict."""
+    root = tmp_path_factory.mktemp("damage")
+    image = root / "x.png"
+    Image.new("RGB", (40, 40), (90, 120, 60)).save(image)
+    return tiny_checkpoint(root / "good.pt"), image
+
+
+def damaged(data: bytes, how: str) -> bytes:
+    out = bytearray(data)
+    if how == "truncated":
+        del out[len(out) // 2 :]
+    elif how == "a weight byte flipped":
+        out[len(out) // 2] ^= 0x10
+    elif how == "the pickle's opcodes damaged":
+        at = data.index(b"data.pkl") + 200  # inside the pickled dict, past the zip header
+        out[at : at + 8] = b"\xff" * 8
+    elif how == "the zip directory zeroed":
+        at = data.rindex(b"PK\x01\x02")
+        out[at : at + 46] = bytes(46)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated",
+        "a weight byte flipped",
+        "the pickle's opcodes damaged",
+        "the zip directory zeroed",
+    ],
+)
+def test_a_damaged_checkpoint_exits_2_with_one_line(how, real_checkpoint, tmp_path, capsys) -> None:
+    good, image = real_checkpoint
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(damaged(good.read_bytes(), how))
+    assert main(["predict", str(path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rsscene predict: error: {path}: ") and len(err.splitlines()) == 1, err
+    assert any(kind in err for kind in DAMAGE), err
+
+
+def test_a_changed_class_name_is_refused(real_checkpoint, tmp_path, capsys) -> None:
+    good, image = real_checkpoint
+    data = good.read_bytes()
+    at = data.index(CLASSES[0].encode())
+    path = tmp_path / "renamed.pt"
+    path.write_bytes(data[:at] + b"X" + data[at + 1 :])
+    assert main(["predict", str(path), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch: what describes the weights" in err and len(err.splitlines()) == 1
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path: Path) -> None:
+    """Files written before the description had its own checksum: the weights' is checked."""
+    path = tiny_checkpoint(tmp_path / "model.pt")
+    raw = torch.load(path, weights_only=True)
+    del raw["meta_sha256"]
+    torch.save({**raw, "format_version": 1}, path)
+    assert checkpoint.load(path).class_names == CLASSES
+    raw["model"]["fc.bias"] += 1
+    torch.save({**raw, "format_version": 1}, path)
+    with pytest.raises(CheckpointError, match="checksum mismatch: the weights are corrupt"):
         checkpoint.load(path)
 
 
@@ -135,9 +225,11 @@ KILL_LOOP = textwrap.dedent(
         ckpt = checkpoint.load(path)  # raises on a torn file or a wrong checksum
         step = int(ckpt.model["fc.bias"][0])
         assert all((t == step).all() for t in ckpt.model.values()), step
+        # SIGKILL leaves the half-written temporary file behind; the next save removes it.
         temps = [n for n in os.listdir(folder) if n.endswith(".tmp")]
-        for name in temps:  # SIGKILL leaves the half-written temporary file behind
-            os.unlink(os.path.join(folder, name))
+        save(step)
+        left = sorted(os.listdir(folder))
+        assert left == ["last.pt"], left
         found.append({"step": step, "temps": len(temps)})
     print(json.dumps(found))
     """

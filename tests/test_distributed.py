@@ -262,3 +262,36 @@ def test_resume_keeps_the_effective_batch_when_the_process_count_changes(
     assert resume_config(tmp_path, {"batch_size": 2}).batch_size == 2
     monkeypatch.setenv("WORLD_SIZE", "3")  # 16 does not divide: the per-process batch stays
     assert resume_config(tmp_path, {}).batch_size == 8
+
+
+@pytest.mark.slow
+@linux_only
+def test_sigterm_to_torchrun_saves_and_prints_the_resume_command(
+    split: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    cmd = torchrun(split, *TINY, "--epochs", "50", "--batch-size", "2", "--out", out)
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for((out / "last.pt").is_file, proc)  # epoch 1 saved: now in epoch 2 or later
+        saved = checkpoint.load(out / "last.pt").next_epoch
+        proc.send_signal(signal.SIGTERM)  # to torchrun itself, as a scheduler would
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, output[-4000:]
+    assert f"Resume with: rsscene train --resume {out}" in output, output[-4000:]
+    ckpt = checkpoint.load(out / "last.pt")
+    # 35 images in global batches of 4: 9 steps an epoch, so the signal lands mid-epoch.
+    assert (ckpt.next_epoch, ckpt.next_step) > (saved, 0), output[-4000:]
+    run(rsscene_train("--resume", out, "--epochs", ckpt.next_epoch + 1, *TINY))
+    assert epochs(out)[-1] == ckpt.next_epoch + 1

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import rsscene.export
 from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
@@ -109,3 +110,18 @@ def test_export_with_user_samples_and_mistakes(tmp_path, capsys, monkeypatch):
     with pytest.raises(UserError, match=r'pip install "rsscene\[export\]"'):
         export(predictor, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_parity_failure_exits_1_and_keeps_the_file(tmp_path, capsys, monkeypatch):
+    ckpt = _checkpoint(tmp_path / "model.pt", "resnet18")
+    real = rsscene.export._torchscript
+
+    def off_by_a_little(*args):  # an exported graph that disagrees with PyTorch by 1e-3
+        return real(*args) + 1e-3
+
+    monkeypatch.setattr(rsscene.export, "_torchscript", off_by_a_little)
+    out = tmp_path / "m.ts"
+    assert main(["export", str(ckpt), "--format", "torchscript", "--out", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "max abs diff 1.00e-03 (FAILED, tolerance 1e-04)" in printed
+    assert out.is_file()  # written all the same, so that it can be looked into

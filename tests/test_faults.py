@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
 import signal
@@ -11,17 +13,17 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import torch
 
 from rsscene import checkpoint
-from rsscene.checkpoint import CheckpointError
 from rsscene.cli import main
 from rsscene.data.prepare import MANIFEST_NAME, prepare
 from rsscene.data.transforms import Augment
 from rsscene.errors import UserError
-from test_images import encode, noise, tiny_checkpoint
+from test_images import CLASSES, encode, noise, tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,10 +84,11 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
 
 
 # --------------------------------------------------------------------------- NaN
+@pytest.mark.parametrize("clip", [["--max-grad-norm", "1"], []], ids=["clipped", "unclipped"])
 def test_divergence_stops_with_one_line_naming_epoch_and_step(
-    split: Path, tmp_path: Path, capsys
+    clip: list[str], split: Path, tmp_path: Path, capsys
 ) -> None:
-    argv = ["train", split, *TINY, "--lr", "1e30", "--max-grad-norm", "1", "--out", tmp_path]
+    argv = ["train", split, *TINY, "--lr", "1e30", *clip, "--out", tmp_path]
     code, err = cli(argv, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("rsscene train: error: loss became NaN/Inf at epoch 1, step ")
@@ -153,6 +156,10 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.save(checkpoint.load(found["ckpt"]).model, found["torchvision"])
     found["arch_yaml"].write_text("arch: resnet9\n")
     found["image"].write_bytes(encode(noise(), "PNG"))
+    found["labelled"] = root / "labelled"  # class folders named as the checkpoint's classes
+    for i, name in enumerate(CLASSES):
+        (found["labelled"] / name).mkdir(parents=True)
+        (found["labelled"] / name / "x.png").write_bytes(encode(noise(seed=i), "PNG"))
     return found
 
 
@@ -173,6 +180,7 @@ MISTAKES: dict[str, Callable[[dict[str, Path], Path, Path], list]] = {
     "predict: --output x.txt": lambda f, d, t: ["predict", f["ckpt"], f["image"], "-o", "x.txt"],
     "evaluate: random file": lambda f, d, t: ["evaluate", f["random"], d],
     "predict: torchvision .pth": lambda f, d, t: ["predict", f["torchvision"], f["image"]],
+    "evaluate: torchvision .pth": lambda f, d, t: ["evaluate", f["torchvision"], d],
     "no command at all": lambda f, d, t: [],
 }
 
@@ -184,6 +192,34 @@ def test_a_mistake_gives_one_line_and_status_2(
     code, err = cli(MISTAKES[case](files, split, tmp_path), capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("rsscene") and "Traceback" not in err
+    if "torchvision" in case:
+        assert "not an rsscene checkpoint (plain torchvision weights can only start" in err
+
+
+@pytest.mark.parametrize("case", MISTAKES)
+def test_a_mistake_with_debug_raises_for_its_traceback(
+    case: str, files: dict[str, Path], split: Path, tmp_path: Path, capsys
+) -> None:
+    argv = [str(a) for a in MISTAKES[case](files, split, tmp_path)]
+    _, err = cli(argv, capsys)
+    usage = err.rstrip().endswith("--help)")  # argparse's: found before any code runs
+    try:
+        main(["--debug", *argv])
+    except SystemExit as e:
+        # A usage mistake stays one line: the traceback would only show argparse's insides.
+        assert usage and e.code == 2, f"--debug hid the traceback of: {err}"
+        assert len(capsys.readouterr().err.splitlines()) == 1
+    except Exception as e:  # the traceback: Python prints it, as `rsscene` lets it through
+        assert not usage and str(e) in err, (e, err)
+    else:
+        pytest.fail(f"rsscene --debug {' '.join(argv)} neither raised nor exited")
+
+
+def test_debug_prints_the_traceback_from_the_command_line(files: dict[str, Path]) -> None:
+    done = rsscene("--debug", "predict", files["random"], files["image"])
+    out, _ = done.communicate(timeout=120)
+    assert done.returncode == 1 and out.startswith("Traceback (most recent call last):"), out
+    assert "rsscene.checkpoint.CheckpointError:" in out and "not a readable checkpoint" in out
 
 
 def test_a_full_disk_at_the_first_save_gives_one_line(
@@ -212,6 +248,70 @@ def test_a_full_disk_when_writing_results_gives_one_line(
     assert err.splitlines()[-1] == f"rsscene predict: error: {out}: No space left on device"
 
 
-def test_debug_shows_the_traceback(files: dict[str, Path]) -> None:
-    with pytest.raises(CheckpointError):
-        main(["--debug", "predict", str(files["random"]), str(files["image"])])
+# --------------------------------------------------------------------------- unwritable outputs
+def refuse_writes(monkeypatch: pytest.MonkeyPatch, root: Path, code: int) -> None:
+    """Make every write under ``root`` fail with ``code``, as a disk that is read-only
+    (EROFS) or not ours (EACCES) would: root, which the tests run as, ignores permissions."""
+
+    def refused(path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and Path(os.path.abspath(path)).is_relative_to(
+            root
+        )
+
+    def fail(path: object) -> NoReturn:
+        raise OSError(code, os.strerror(code), os.fspath(path))
+
+    real_open, real_os_open, real_mkdir = builtins.open, os.open, os.mkdir
+
+    def open_(file, mode="r", *args, **kwargs):
+        if refused(file) and any(c in mode for c in "wax+"):
+            fail(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    def os_open(path, flags, *args, **kwargs):
+        if refused(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            fail(path)
+        return real_os_open(path, flags, *args, **kwargs)
+
+    def mkdir(path, *args, **kwargs):
+        if refused(path):
+            fail(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_)
+    monkeypatch.setattr(io, "open", open_)
+    monkeypatch.setattr(os, "open", os_open)
+    monkeypatch.setattr(os, "mkdir", mkdir)
+
+
+OUTPUTS: dict[str, Callable[[dict[str, Path], Path, Path], list]] = {
+    "predict -o csv": lambda f, d, o: ["predict", f["ckpt"], f["image"], "-o", o / "p.csv"],
+    "evaluate -o": lambda f, d, o: ["evaluate", f["ckpt"], f["labelled"], "-o", o / "eval"],
+    "cam --out": lambda f, d, o: ["cam", f["ckpt"], f["image"], "--out", o / "cams"],
+    "export --out": lambda f, d, o: [
+        "export",
+        f["ckpt"],
+        "--format",
+        "torchscript",
+        "--out",
+        o / "m.ts",
+    ],
+    "train --out": lambda f, d, o: ["train", d, *TINY, "--out", o / "run"],
+    "prepare DST": lambda f, d, o: ["prepare", d / "test", o / "split"],
+    "synth DST": lambda f, d, o: ["synth", o / "scenes", "--per-class", "1", "--size", "32"],
+}
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS], ids=["denied", "read-only"])
+@pytest.mark.parametrize("case", OUTPUTS)
+def test_an_unwritable_output_gives_one_line(
+    case: str, code: int, files: dict[str, Path], split: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    refuse_writes(monkeypatch, out, code)
+    status, err = cli(OUTPUTS[case](files, split, out), capsys)
+    last = err.splitlines()[-1] if err else ""
+    assert status == 2 and "Traceback" not in err, err
+    assert last.startswith(f"rsscene {case.split()[0]}: error:") and str(out) in last, err
+    assert last.endswith(os.strerror(code)), err

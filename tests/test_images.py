@@ -6,6 +6,8 @@ import io
 import json
 import logging
 import struct
+import tracemalloc
+import warnings
 import zlib
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from PIL import Image
 from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
-from rsscene.data.images import ImageError, load_tensor, open_image
+from rsscene.data.images import ImageError, image_size, load_tensor, open_image
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
 from rsscene.inference import Predictor
@@ -98,6 +100,16 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
         open_image(folder)
 
 
+def test_an_image_between_pillows_warning_and_the_limit_decodes() -> None:
+    # 90.25 MP: over Pillow's 89 MP warning, under rsscene's 100 MP limit; nothing patched.
+    assert Image.MAX_IMAGE_PIXELS < 9_500 * 9_500 < 100_000_000
+    data = encode(Image.new("1", (9_500, 9_500), 1), "PNG")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's bomb warning would now be an error
+        img = open_image(data)
+    assert img.size == (9_500, 9_500) and img.getpixel((9_499, 9_499)) == (255, 255, 255)
+
+
 def test_the_pixel_limit_is_rsscenes_not_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
     data = encode(noise(), "PNG")  # 1920 pixels
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow warns above 1000, errs at 2000
@@ -120,8 +132,12 @@ def test_one_bit_becomes_black_and_white() -> None:
     assert np.array_equal(out[..., 0], bits * 255) and (out[..., 0] == out[..., 2]).all()
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
-@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+# A PNG's 16-bit samples are big-endian whatever the mode they come from (and Pillow before
+# 10.1 writes no I;16B PNG); a TIFF keeps the byte order it is given.
+SIXTEEN_BIT = [("PNG", "I;16"), ("TIFF", "I;16"), ("TIFF", "I;16B")]
+
+
+@pytest.mark.parametrize("fmt, mode", SIXTEEN_BIT)
 def test_16_bit_grey_is_scaled_not_clipped(fmt: str, mode: str) -> None:
     ramp = np.tile(np.linspace(0, 65535, 48).round().astype(np.uint16), (40, 1))
     dtype = ">u2" if mode.endswith("B") else "<u2"
@@ -129,6 +145,29 @@ def test_16_bit_grey_is_scaled_not_clipped(fmt: str, mode: str) -> None:
     out = np.asarray(open_image(encode(img, fmt)))[..., 0].astype(int)
     assert np.abs(out - ramp // 257).max() <= 1
     assert (out == 255).mean() < 0.1  # clipping would turn almost all of it white
+
+
+@pytest.mark.parametrize("fmt, mode", SIXTEEN_BIT)
+def test_16_bit_grey_is_converted_without_float64_copies(fmt: str, mode: str) -> None:
+    side = 1000
+    data = encode(Image.new(mode, (side, side), 40_000), fmt)
+    tracemalloc.start()  # numpy's arrays are counted; Pillow's own buffers are not
+    try:
+        out = np.asarray(open_image(data))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert (out == 40_000 // 257).all()
+    # One float64 copy of the image alone would be 8 bytes a pixel.
+    assert peak < 8 * side * side, f"{peak / side / side:.1f} bytes a pixel"
+
+
+def test_image_size_reads_only_the_header() -> None:
+    assert image_size(png_claiming(9_000, 10_000)) == (9_000, 10_000)  # 90 MP of no data
+    with pytest.raises(ImageError, match="decompression bomb"):
+        image_size(png_claiming(11_000, 10_000))
+    with pytest.raises(ImageError, match="not an image"):
+        image_size(b"hello " * 10, name="notes.txt")
 
 
 def test_cmyk_jpeg_keeps_its_colour() -> None:
@@ -145,6 +184,18 @@ def test_palette_transparency_and_la_composite_on_black() -> None:
     assert out[0, 0].tolist() == [10, 200, 30] and out[0, 39].tolist() == [0, 0, 0]
     la = np.asarray(open_image(encode(Image.new("LA", (40, 40), (200, 128)), "PNG")))
     assert np.abs(la.astype(int) - 100).max() <= 1
+
+
+def test_rgba_composites_on_black() -> None:
+    arr = np.zeros((40, 40, 4), np.uint8)
+    arr[:, :10] = (10, 200, 30, 255)  # opaque: keeps its colour
+    arr[:, 10:20] = (250, 250, 250, 0)  # transparent: black, whatever colour it hides
+    arr[:, 20:30] = (200, 100, 50, 128)  # half: half its colour
+    arr[:, 30:] = (0, 0, 255, 64)  # a quarter
+    out = np.asarray(open_image(encode(Image.fromarray(arr, "RGBA"), "PNG"))).astype(int)
+    assert (out[:, :10] == [10, 200, 30]).all() and (out[:, 10:20] == 0).all()
+    assert np.abs(out[:, 20:30] - [100, 50, 25]).max() <= 1
+    assert np.abs(out[:, 30:] - [0, 0, 64]).max() <= 1
 
 
 def test_animated_gif_gives_its_first_frame() -> None:
@@ -313,3 +364,22 @@ def test_a_file_corrupted_after_prepare_is_replaced_in_training(
     assert main(["train", str(data), *strict]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"rsscene train: error: {bad}") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("cache", ["memory", "disk"])
+def test_strict_training_stops_on_an_unreadable_file_with_either_cache(
+    cache: str, tmp_path: Path, capsys
+) -> None:
+    generate(tmp_path / "raw", per_class=6, size=32, classes=["airplane", "ship"])
+    data = tmp_path / "data"
+    prepare(tmp_path / "raw", data, train_per_class=4, test_per_class=2)
+    bad = sorted((data / "train" / "ship").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated after prepare checked it
+    flags = ["--epochs", "1", "--batch-size", "4", "--img-size", "32", "--eval-size", "32"]
+    flags += ["--cache", cache, "--workers", "0", "--device", "cpu", "--amp", "off"]
+    out = tmp_path / "run"
+    assert main(["train", str(data), *flags, "--strict", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rsscene train: error:") and len(err.splitlines()) == 1, err
+    assert str(bad) in err and "truncated" in err
+    assert not (out / "last.pt").exists()

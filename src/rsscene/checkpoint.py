@@ -5,13 +5,16 @@ On disk a checkpoint is a plain dict of tensors and primitives (so ``torch.load`
 ``format_version`` and a SHA-256 of the weights. :func:`save` writes it to a temporary file,
 fsyncs and renames it over the target, so ``last.pt`` is always either the previous complete
 file or the new complete one. :func:`load` refuses a file that would run code when unpickled,
-a newer format, a missing or wrong checksum, and malformed fields, each with one clear line.
+a newer format, a missing or wrong checksum (of the weights, and from format 2 of what
+describes them: classes, architecture, preprocessing, settings), and malformed fields, each
+with one clear line.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -27,7 +30,8 @@ from rsscene.data.transforms import MEAN, STD
 from rsscene.errors import UserError
 
 FORMAT = "rsscene-checkpoint"
-FORMAT_VERSION = 1
+# 2: ``meta_sha256`` also covers everything but the weights and the training state.
+FORMAT_VERSION = 2
 
 
 class CheckpointError(UserError):
@@ -99,6 +103,15 @@ def weights_digest(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def description_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of everything in a payload but the weights, the training state and the checksums:
+    the class names, architecture, preprocessing and settings that give the weights meaning."""
+    described = {
+        k: v for k, v in payload.items() if k not in ("model", "state", "sha256", "meta_sha256")
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
 def _shallow(record: Any) -> dict[str, Any]:
     # Not dataclasses.asdict: it deep-copies every tensor of the state dicts.
     return {f.name: getattr(record, f.name) for f in fields(record)}
@@ -113,11 +126,11 @@ def to_payload(ckpt: Checkpoint) -> dict[str, Any]:
     else:
         state = _shallow(ckpt.state)
         payload["state"] = {k: v for k, v in state.items() if v is not None}
+    payload = {**payload, "format": FORMAT, "format_version": FORMAT_VERSION}
     return {
         **payload,
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
         "sha256": weights_digest(ckpt.model),
+        "meta_sha256": description_digest(payload),
     }
 
 
@@ -168,7 +181,12 @@ def read(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True`` and clear errors for every way it can fail."""
     path = resolve_path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        f = path.open("rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        with f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # torch names the global a crafted file asks for; any other refusal is plain damage.
         unsafe = re.search(r"GLOBAL (\S+)", str(e))
@@ -181,11 +199,10 @@ def read(path: str | Path) -> Any:
         raise CheckpointError(
             f"{path}: not a readable checkpoint, corrupt or not a checkpoint at all"
         ) from None
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
     except Exception as e:
         # A damaged zip or pickle fails anywhere inside torch.load (KeyError, IndexError,
-        # TypeError, UnicodeDecodeError...): all of them mean the file is unusable.
+        # TypeError, UnicodeDecodeError, an OSError from seeking past a truncated end...):
+        # the file opened, so all of them mean it is unusable.
         detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CheckpointError(
             f"{path}: not a readable checkpoint, corrupt or truncated"
@@ -233,6 +250,11 @@ def _check_payload(raw: Any, path: Path) -> None:
         raise CheckpointError(f"{path}: checkpoint lacks the checksum of its weights ('sha256')")
     if weights_digest(raw["model"]) != raw["sha256"]:
         raise CheckpointError(f"{path}: checksum mismatch: the weights are corrupt")
+    if version >= 2 and raw.get("meta_sha256") != description_digest(raw):
+        raise CheckpointError(
+            f"{path}: checksum mismatch: what describes the weights (classes, architecture,"
+            " preprocessing, settings) is corrupt or was edited"
+        )
 
 
 def from_payload(raw: dict[str, Any], path: Path) -> Checkpoint:

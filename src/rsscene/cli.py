@@ -536,16 +536,6 @@ def add_map(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_map)
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def cmd_map(args: argparse.Namespace) -> int:
     from rsscene.engine.device import select_device
     from rsscene.inference import Predictor
@@ -597,7 +587,7 @@ def byte_size(text: str) -> int:
     unit = text.strip().upper()[len(number) :]
     try:
         value = int(float(number) * units[unit])
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, OverflowError):  # OverflowError: inf, 1e999
         raise argparse.ArgumentTypeError(f"expected a size such as 10MB, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
@@ -614,17 +604,72 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = non_negative_float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def served_host_names(host: str, extra: list[str]) -> list[str] | None:
+    """The names a request's Host header may give, or None (any).
+
+    Loopback and every-interface servers answer to the loopback names (a browser on this
+    machine uses any of them), a server bound to one address to that address; each also to
+    the ``--allow-host`` names. Bound to every interface without them, it cannot know the
+    names clients use, so it takes any.
+    """
+    if host in ("0.0.0.0", "::"):
+        return [*LOOPBACK, *extra] if extra else None
+    return [*(LOOPBACK if host in LOOPBACK else [host]), *extra]
+
+
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page: predictions and Grad-CAM")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
     p.add_argument(
         "--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 exposes it"
     )
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name clients may use in the Host header (repeatable); other names get 400",
+    )
     p.add_argument(
         "--max-bytes", type=byte_size, default="10MB", metavar="SIZE", help="request body limit"
     )
     p.add_argument("--max-files", type=positive_int, default=16, help="images per request")
+    p.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=40_000_000,
+        metavar="N",
+        help="decoded pixels per request, all images together (default 40_000_000)",
+    )
+    p.add_argument("--decode-workers", type=positive_int, default=2, help="images decoded at once")
+    p.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=60.0,
+        metavar="S",
+        help="seconds a client has to send the whole request body (default 60)",
+    )
     p.add_argument("--topk", type=positive_int, default=5)
     p.add_argument(
         "--batch-wait-ms",
@@ -650,6 +695,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"serving needs fastapi, uvicorn and python-multipart ({e.name} is missing):"
             ' pip install "rsscene[serve]"'
         ) from None
+    allowed = served_host_names(args.host, args.allow_host)
     app = create_app(
         args.checkpoint,
         device=str(select_device(args.device)),
@@ -658,11 +704,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         topk=args.topk,
         batch_wait_ms=args.batch_wait_ms,
         max_batch=args.max_batch,
+        max_pixels=args.max_pixels,
+        decode_workers=args.decode_workers,
+        body_timeout=args.body_timeout,
+        allowed_hosts=allowed,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK:
+        any_host = "; it answers to any Host name (--allow-host NAME restricts that)"
         print(
             f"warning: --host {args.host} lets other machines reach this server;"
-            " it has no authentication",
+            f" it has no authentication{any_host if allowed is None else ''}",
             file=sys.stderr,
         )
     predictor = app.state.predictor

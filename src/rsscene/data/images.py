@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +42,14 @@ def is_image_file(path: str | Path) -> bool:
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # Pillow's own convert clips wide grey images to 255; scale the real range instead.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    # Pillow's own convert clips wide grey images to 255; scale the real range instead, in
+    # integers or float32 so that a large image costs no float64 copies (8 bytes a pixel each).
+    if img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img) // 257).astype(np.uint8), "L")
+    elif img.mode in ("I", "F"):
+        arr = np.array(img, dtype=np.float32)
+        arr *= 255.0 / max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr, 0, 255, out=arr).astype(np.uint8), "L")
     if (img.mode == "P" and "transparency" in img.info) or img.mode in ("LA", "PA", "La"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
@@ -55,11 +60,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def open_image(
-    source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
-) -> Image.Image:
-    """Decode a file (or bytes) into an RGB Pillow image, or raise :class:`ImageError`."""
-    label = name or ("<bytes>" if isinstance(source, bytes) else str(source))
+@contextmanager
+def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator[Image.Image]:
+    """The Pillow image with only its header read and checked; any failure in the block,
+    decoding included, becomes an :class:`ImageError` naming ``label``."""
     try:
         if isinstance(source, bytes):
             if not source:
@@ -83,10 +87,7 @@ def open_image(
                 )
             if min(w, h) < MIN_SIDE:
                 raise ImageError(label, f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
-            img.seek(0)
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img)
+            yield img
     except ImageError:
         raise
     except FileNotFoundError:
@@ -105,6 +106,32 @@ def open_image(
         raise ImageError(label, f"corrupt or truncated image ({reason})") from None
     except MemoryError:
         raise ImageError(label, "image too large to decode in memory") from None
+
+
+def _label(source: str | Path | bytes, name: str | None) -> str:
+    return name or ("<bytes>" if isinstance(source, bytes) else str(source))
+
+
+def image_size(
+    source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+) -> tuple[int, int]:
+    """Width and height as the header states them, nothing decoded: what decoding will cost.
+
+    Raises :class:`ImageError` for what :func:`open_image` refuses from the header alone.
+    """
+    with _opened(source, max_pixels, _label(source, name)) as img:
+        return img.size
+
+
+def open_image(
+    source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Decode a file (or bytes) into an RGB Pillow image, or raise :class:`ImageError`."""
+    with _opened(source, max_pixels, _label(source, name)) as img:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return _to_rgb(img)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -16,10 +16,16 @@ images) and makes one model call. Every model call, prediction or Grad-CAM, runs
 dedicated thread, so the event loop never waits on the model and the model never runs twice
 at once (Grad-CAM's hook would otherwise see another request's forward pass).
 
+Images are decoded in a pool of ``decode_workers`` threads, and a request whose images would
+decode to more than ``max_pixels`` pixels in all is refused from their headers, before any is
+decoded: together these bound the memory that decoding can take, whatever is sent.
+
 Bad input is answered with a 4xx and ``{"error": "..."}``: 400 for an empty body, malformed
-JSON or base64; 413 for a body over ``max_bytes`` or more than ``max_files`` images; 415 for
-another content type; 422 for what is not a usable image (not an image, corrupt, too small,
-a decompression bomb), naming the file and the reason.
+or too deeply nested JSON, malformed base64, or a Host header the server was not started
+for (DNS rebinding); 408 for a body not received within ``body_timeout`` seconds; 413 for a
+body over ``max_bytes``, more than ``max_files`` images or more than ``max_pixels`` pixels;
+415 for another content type; 422 for what is not a usable image (not an image, corrupt,
+too small, a decompression bomb), naming the file and the reason.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -44,16 +50,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
-from rsscene.data.images import MAX_PIXELS, ImageError
+from rsscene.data.images import ImageError, image_size
 from rsscene.errors import UserError
 from rsscene.explain import class_index, explain, overlay_png
 from rsscene.inference import Prediction, Predictor
 from rsscene.mapping import map_scene
 
 DEFAULT_MAX_BYTES = 10_000_000
+# Decoding takes up to about 20 bytes a pixel at its peak (RGBA, composited, then resized), so
+# 40 megapixels a request and 2 decoding threads keep decoding under about 1.6 GB in all.
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_DECODE_WORKERS = 2
+DEFAULT_BODY_TIMEOUT = 60.0
 PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("rsscene.serve")
 
@@ -73,11 +85,14 @@ def _error(status: int, message: str) -> JSONResponse:
 
 class BodyLimit:
     """ASGI middleware: a body over ``max_bytes`` gets 413, by its Content-Length before
-    anything is read, or as soon as the bytes read pass the limit (chunked uploads)."""
+    anything is read, or as soon as the bytes read pass the limit (chunked uploads); a body
+    still incomplete ``timeout`` seconds after the request began gets 408, so that clients
+    sending slowly cannot hold connections and buffers for ever."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,16 +104,57 @@ class BodyLimit:
             await _error(413, message)(scope, receive, send)
             return
         seen = 0
+        complete = False
+        deadline = time.monotonic() + self.timeout
 
         async def limited() -> Message:
-            nonlocal seen
-            msg = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body only a disconnect can come, whenever it comes
+                return await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except asyncio.TimeoutError:
+                raise ApiError(
+                    408, f"request body not received within {self.timeout:g} s"
+                ) from None
+            complete = not msg.get("more_body", False)
             seen += len(msg.get("body", b""))
             if seen > self.max_bytes:
                 raise ApiError(413, message)  # answered by the app's ApiError handler
             return msg
 
         await self.app(scope, limited, send)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names another host gets 400.
+
+    A page elsewhere can point a name of its own at 127.0.0.1 (DNS rebinding) and then read
+    this server's answers as same-origin; its requests still carry that name as Host.
+    """
+
+    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
+        self.app = app
+        self.allowed = {h.lower().strip("[]") for h in allowed}
+
+    @staticmethod
+    def host_name(header: str) -> str:
+        """``name`` from ``name``, ``name:port``, ``[v6]`` or ``[v6]:port``."""
+        if header.startswith("["):
+            return header[1:].partition("]")[0]
+        return header.rpartition(":")[0] if ":" in header else header
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if self.host_name(header).lower() not in self.allowed:
+            names = ", ".join(sorted(self.allowed))
+            message = f"host {header!r} is not served here (serving {names}; see --allow-host)"
+            await _error(400, message)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class Metrics:
@@ -233,6 +289,8 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
             data = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, f"malformed JSON body; {usage}") from None
+        except RecursionError:
+            raise ApiError(400, f"JSON body nested too deeply; {usage}") from None
         if isinstance(data, dict) and isinstance(data.get("images"), list):
             encoded = data["images"]
         elif isinstance(data, dict) and "image" in data:
@@ -265,24 +323,39 @@ def create_app(
     topk: int = 5,
     batch_wait_ms: float = 5.0,
     max_batch: int = 32,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_workers: int = DEFAULT_DECODE_WORKERS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
-    """The app for one checkpoint, loaded now (a bad checkpoint fails here, not per request)."""
+    """The app for one checkpoint, loaded now (a bad checkpoint fails here, not per request).
+
+    ``allowed_hosts``: the names a request's Host header may give (None: any, for a server
+    bound to every interface or a test client).
+    """
     predictor = Predictor(ckpt_path, device=device)
     metrics = Metrics()
     worker = ModelWorker(predictor, max_batch, batch_wait_ms / 1000, metrics)
     page = PAGE.read_text(encoding="utf-8")
+    decoders: ThreadPoolExecutor | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal decoders
+        # Created here, like the model's thread, so the app can be started more than once.
+        decoders = ThreadPoolExecutor(decode_workers, thread_name_prefix="rsscene-decode")
         await worker.start()
         yield
         await worker.stop()
+        decoders.shutdown(wait=True)
 
     app = FastAPI(title="rsscene", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.predictor = predictor
     app.state.metrics = metrics
-    # Added last = outermost: metrics also count what BodyLimit refuses.
-    app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    # Added last = outermost: metrics also count what BodyLimit and HostCheck refuse.
+    app.add_middleware(BodyLimit, max_bytes=max_bytes, timeout=body_timeout)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(ApiError)
@@ -298,6 +371,11 @@ def create_app(
         where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
         return _error(422, where)
 
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, e: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it is counted as the client's doing, not a server error.
+        return _error(400, "the client went away before sending the whole body")
+
     @app.exception_handler(Exception)
     async def internal(request: Request, e: Exception) -> JSONResponse:
         # A bug, never bad input: those are all answered above.
@@ -307,11 +385,19 @@ def create_app(
     async def decode(items: list[tuple[str, bytes]]) -> list[Tensor]:
         def load_all() -> list[Tensor]:
             try:
+                sizes = [image_size(data, name=name) for name, data in items]
+                pixels = sum(w * h for w, h in sizes)
+                if pixels > max_pixels:
+                    raise ApiError(
+                        413,
+                        f"the images of this request would decode to {pixels:,} pixels;"
+                        f" the limit is {max_pixels:,} a request",
+                    )
                 return [predictor.load(data, name=name) for name, data in items]
             except ImageError as e:
                 raise ApiError(422, str(e)) from None
 
-        return await asyncio.to_thread(load_all)
+        return await asyncio.get_running_loop().run_in_executor(decoders, load_all)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -395,7 +481,7 @@ def create_app(
             scene.write_bytes(data)
             try:
                 summary = map_scene(
-                    predictor, scene, Path(tmp), tile=tile, stride=stride, max_pixels=MAX_PIXELS
+                    predictor, scene, Path(tmp), tile=tile, stride=stride, max_pixels=max_pixels
                 )
             except UserError as e:
                 raise ApiError(422, str(e).replace(str(scene), name)) from None
