@@ -24,7 +24,7 @@ from PIL import Image
 from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import LOOPBACK, main, served_host_names
-from rsscene.data.synthetic import CLASSES, image_rng, render_scene
+from rsscene.data.synthetic import CLASSES, generate_mosaic, image_rng, render_scene
 from rsscene.models import create_model
 
 fastapi = pytest.importorskip("fastapi", reason="serving needs the serve extra (rsscene[serve])")
@@ -474,6 +474,15 @@ def test_web_page_in_headless_chromium(chromium, server, tmp_path):
         if os.environ.get("RSSCENE_SCREENSHOT"):
             wait.until(lambda d: d.execute_script("return document.getElementById('cam').complete"))
             driver.save_screenshot(os.environ["RSSCENE_SCREENSHOT"])
+        # A whole scene: the map section shows its overlay and a row per class.
+        generate_mosaic(tmp_path / "mosaic", 2, 3, size=SIZE, seed=0)
+        driver.find_element(By.ID, "scene").send_keys(str(tmp_path / "mosaic" / "mosaic.png"))
+        wait.until(lambda d: d.find_element(By.ID, "overlay").get_attribute("src") or "")
+        assert (
+            driver.find_element(By.ID, "overlay").get_attribute("src").startswith("data:image/png")
+        )
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#maprows tr")) == len(CLASSES)
+        assert driver.find_element(By.ID, "maperror").text == ""
     finally:
         driver.quit()
 
