@@ -47,7 +47,8 @@ def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
     """RGB filters (``O x 3 x k x k``) for ``in_channels`` bands, by the rule timm and
     torchgeo use: summed for one band; otherwise repeated over the bands and scaled by
-    3 / bands, so a band-averaged input gives the response the RGB filters gave."""
+    3 / bands, which keeps the size of the first activations (exactly, for a grey input and a
+    multiple of 3 bands)."""
     if weight.shape[1] == in_channels:
         return weight
     if weight.shape[1] != 3:
