@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -132,6 +133,17 @@ class Preprocess:
     @property
     def scale(self) -> float:
         return SCALES[self.dtype]
+
+    @property
+    def standardise(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~rsscene.data.transforms.eval_batch` (and of
+        evaluation's ``predict``) that standardise like this record."""
+        return {
+            "normalize": self.normalize,
+            "mean": self.mean,
+            "std": self.std,
+            "scale": self.scale,
+        }
 
     @property
     def pick(self) -> BandPick | None:

@@ -219,15 +219,7 @@ def evaluate_checkpoint(
         raise UserError(
             f"{data}: none of its {len(images)} images could be read (e.g. {first[0]}: {first[1]})"
         )
-    pre = predictor.pre
-    kwargs = dict(
-        size=pre.size,
-        normalize=pre.normalize,
-        mean=pre.mean,
-        std=pre.std,
-        scale=pre.scale,
-        batch_size=batch_size,
-    )
+    kwargs = dict(size=predictor.size, batch_size=batch_size, **predictor.pre.standardise)
     preds = predict(predictor.model, loader, **kwargs)
     report = report_from_predictions(preds, predictor.classes)
     report.update(

@@ -331,13 +331,14 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        pre = predictor.pre
         return {
             "status": "ok",
             "arch": predictor.arch,
             "classes": len(predictor.classes),
             "input_size": predictor.size,
-            "bands": predictor.pre.bands,
-            "band_names": predictor.pre.band_names,
+            # Multi-band models only: an RGB model's answer stays as it was.
+            **({"bands": pre.bands, "band_names": pre.band_names} if pre.bands else {}),
         }
 
     @app.get("/classes")
