@@ -27,7 +27,14 @@ from tqdm import tqdm
 
 from rsscene.config import CACHE_MODES
 from rsscene.data.bands import Preprocess, band_stats, resolve_bands
-from rsscene.data.images import BandPick, ImageError, is_image_file, load_tensor, read_image
+from rsscene.data.images import (
+    BandPick,
+    ImageError,
+    Raster,
+    is_image_file,
+    load_tensor,
+    read_image,
+)
 from rsscene.data.transforms import to_device
 from rsscene.errors import UserError
 
@@ -467,7 +474,7 @@ def chunks(indices: list[int], size: int, drop_last: bool = False) -> list[list[
     return out
 
 
-def first_raster(images: ImageList) -> tuple:
+def first_raster(images: ImageList) -> tuple[Raster, str]:
     """The first readable training image's raster and path, for choosing bands from."""
     problems = []
     for path in images.paths:
