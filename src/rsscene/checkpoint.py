@@ -26,32 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rsscene.data.bands import SCALES, Preprocess
 from rsscene.data.transforms import MEAN, STD
 from rsscene.errors import UserError
 
 FORMAT = "rsscene-checkpoint"
-# 2: ``meta_sha256`` also covers everything but the weights and the training state.
+# 2: the preprocess entry records the bands (bands, band_count, band_names, dtype, display)
+# and the training images' side; ``meta_sha256`` covers everything but the weights and the
+# training state. Version-1 files are read as 8-bit RGB with their mean/std.
 FORMAT_VERSION = 2
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, corrupt, unsafe or of the wrong kind."""
-
-
-@dataclass
-class Preprocess:
-    """How images are fed to the model: resized to ``size``, divided by 255, then standardised
-    by ``mean``/``std`` (None: not standardised). ``source_size`` is the typical side of the
-    training images before resizing (the window ``rsscene map`` cuts by default), when known."""
-
-    size: int = 224
-    mean: list[float] | None = field(default_factory=lambda: list(MEAN))
-    std: list[float] | None = field(default_factory=lambda: list(STD))
-    source_size: int | None = None
-
-    @property
-    def normalize(self) -> bool:
-        return self.mean is not None
 
 
 @dataclass
@@ -257,6 +244,22 @@ def _check_payload(raw: Any, path: Path) -> None:
         )
 
 
+def _check_preprocess(pre: Preprocess) -> None:
+    """Bands and statistics that fit together, or a ValueError saying what does not."""
+    channels = pre.channels
+    if pre.dtype not in SCALES:
+        raise ValueError(f"unknown dtype {pre.dtype!r} in preprocess")
+    for name in ("mean", "std"):
+        values = getattr(pre, name)
+        if values is not None and len(values) != channels:
+            raise ValueError(f"preprocess has {len(values)} {name} values for {channels} bands")
+    if pre.bands is not None and (
+        not pre.bands
+        or not all(isinstance(b, int) and 1 <= b <= (pre.band_count or b) for b in pre.bands)
+    ):
+        raise ValueError(f"preprocess bands {pre.bands} do not fit {pre.band_count} bands")
+
+
 def from_payload(raw: dict[str, Any], path: Path) -> Checkpoint:
     """The record of a checked payload; unknown or ill-typed fields are refused."""
     known = {f.name for f in fields(Checkpoint)}
@@ -264,12 +267,17 @@ def from_payload(raw: dict[str, Any], path: Path) -> Checkpoint:
     config = values.get("config") or {}
     try:
         pre = values.get("preprocess") or {}
+        extra = {
+            k: pre.get(k)
+            for k in ("bands", "band_count", "band_names", "dtype", "display", "source_size")
+        }
         values["preprocess"] = Preprocess(
             size=int(pre.get("size") or config.get("eval_size") or 224),
             mean=pre.get("mean", list(MEAN)),
             std=pre.get("std", list(STD)),
-            source_size=pre.get("source_size"),
+            **{k: v for k, v in extra.items() if v is not None},
         )
+        _check_preprocess(values["preprocess"])
         if values.get("state") is not None:
             values["state"] = TrainingState(**values["state"])
         return Checkpoint(**values)

@@ -417,6 +417,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- cam
+def show_bands(text: str) -> list[int]:
+    """Three 1-based band indexes, ``R,G,B`` (an argparse type)."""
+    try:
+        bands = [int(part) for part in text.split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) != 3 or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"expected three 1-based band indexes R,G,B, got {text}")
+    return bands
+
+
 def add_cam(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cam", help="Grad-CAM overlays: where in each image the class was seen")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
@@ -434,6 +445,13 @@ def add_cam(sub: argparse._SubParsersAction) -> None:
         default="no",
         help="yes: class and probability from the 8 flips/rotations",
     )
+    p.add_argument(
+        "--show-bands",
+        type=show_bands,
+        metavar="R,G,B",
+        help="multi-band models: the three bands (1-based, as in --bands) drawn as red, green,"
+        " blue (default: the model's first three)",
+    )
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_cam)
 
@@ -444,6 +462,8 @@ def cmd_cam(args: argparse.Namespace) -> int:
     from rsscene.inference import Predictor
 
     predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    if args.show_bands:
+        predictor.pre.display = args.show_bands
     written, errors = write_cams(
         predictor, args.paths, args.out, args.class_name, args.layer, args.tta == "yes"
     )
@@ -462,8 +482,9 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="write ONNX or TorchScript, checked against PyTorch",
-        description="The exported model takes float32 RGB in 0..1 (N x 3 x S x S) and returns"
-        " class probabilities: normalisation and softmax are inside it.",
+        description="The exported model takes float32 RGB in 0..1 (N x 3 x S x S), or a"
+        " multi-band model's bands divided by their scale (N x C x S x S), and returns class"
+        " probabilities: normalisation and softmax are inside it.",
     )
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
@@ -484,11 +505,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     predictor = Predictor(args.checkpoint)
     result = export(predictor, args.format, args.out, args.sample)
     kind = f"onnx, opset {OPSET}" if args.format == "onnx" else "torchscript"
-    norm = "ImageNet mean/std normalisation inside" if predictor.normalize else "no normalisation"
-    size = predictor.size
+    pre = predictor.pre
+    stats = "ImageNet" if pre.bands is None else "per-band"
+    norm = f"{stats} mean/std normalisation inside" if pre.normalize else "no normalisation"
+    what = (
+        "RGB in 0..1"
+        if pre.bands is None
+        else f"bands {','.join(map(str, pre.bands))} of {pre.band_count} divided by {pre.scale:g}"
+    )
     print(
-        f"wrote {result.path} ({kind}): input 'image' float32 N x 3 x {size} x {size}, RGB in"
-        f" 0..1 ({norm}); output 'probabilities' over {len(predictor.classes)} classes"
+        f"wrote {result.path} ({kind}): input 'image' float32 N x {pre.channels} x {pre.size}"
+        f" x {pre.size}, {what} ({norm}); output 'probabilities' over"
+        f" {len(predictor.classes)} classes"
     )
     verdict = "ok" if result.ok else "FAILED"
     print(

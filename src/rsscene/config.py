@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from rsscene.data.bands import parse_band_spec
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
@@ -65,6 +66,14 @@ def float_pair(text: str) -> tuple[float, float]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text}") from None
     return lo, hi
+
+
+def band_spec(text: str) -> str:
+    """A ``--bands`` value (an argparse type): ``all``, 1-based indexes or band names."""
+    try:
+        return parse_band_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--bands ")) from None
 
 
 def setting(
@@ -130,7 +139,14 @@ class TrainConfig:
     jitter: float = setting(0.1, "colour jitter strength")
     mixup: float = setting(0.0, "mixup alpha (0 = off)")
     cutmix: float = setting(0.0, "cutmix alpha (0 = off)")
-    normalize: bool = setting(True, "standardise inputs by ImageNet mean/std")
+    bands: str | None = setting(
+        help="bands of multi-band (GeoTIFF) files: all, 1-based indexes such as 4,3,2, or"
+        " names the files carry; standardised by per-band mean/std of the training images"
+        " (default: 8-bit RGB with ImageNet mean/std)",
+        parse=band_spec,
+        metavar="BANDS",
+    )
+    normalize: bool = setting(True, "standardise inputs (ImageNet mean/std, or the bands')")
     zero_init_residual: bool = setting(True, "start each residual branch at zero")
     ema: float = setting(0.0, "EMA of weights (0 = off)", metavar="DECAY")
     seed: int = setting(0, "seed of every random draw")
@@ -302,6 +318,11 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must not be negative")
     if not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.ema < 1:
         raise UserError("--label-smoothing and --ema must be in [0, 1)")
+    if cfg.bands is not None:
+        try:
+            cfg.bands = parse_band_spec(cfg.bands)
+        except ValueError as e:
+            raise UserError(str(e)) from None
 
 
 def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:

@@ -2,7 +2,9 @@
 
 A forward hook keeps one layer's feature map; the gradient of the class score with respect
 to it, averaged over space, weighs its channels; the weighted sum, through a ReLU and
-upsampled to the input, is the map. :func:`overlay_png` and :func:`figure_png` draw it.
+upsampled to the input, is the map. :func:`overlay_png` and :func:`figure_png` draw it over
+the image as the model saw it: RGB as it is, other bands as a chosen triple with a
+percentile stretch (:func:`rsscene.data.bands.render_rgb`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from rsscene.data.bands import render_rgb
 from rsscene.data.images import ImageError
 from rsscene.errors import UserError
 from rsscene.inference import Predictor, collect_images
@@ -47,7 +50,7 @@ def find_layer(model: nn.Module, name: str | None = None) -> nn.Module:
 def gradcam(
     model: nn.Module, x: Tensor, class_idx: int | None = None, layer: str | None = None
 ) -> tuple[Tensor, int, Tensor]:
-    """Grad-CAM of one prepared image (``3xHxW`` or ``1x3xHxW``, normalised as for the model).
+    """Grad-CAM of one prepared image (``CxHxW`` or ``1xCxHxW``, normalised as for the model).
 
     Returns (map ``HxW`` in 0..1 on the CPU, the class explained, class probabilities):
     the class is the predicted one unless ``class_idx`` is given.
@@ -55,7 +58,7 @@ def gradcam(
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"gradcam takes one image (3xHxW or 1x3xHxW), got {tuple(x.shape)}")
+        raise ValueError(f"gradcam takes one image (CxHxW or 1xCxHxW), got {tuple(x.shape)}")
     saved: list[Tensor] = []
     # A module called several times per forward (a block's shared ReLU) keeps its last output.
     handle = find_layer(model, layer).register_forward_hook(lambda m, i, out: saved.append(out))
@@ -94,11 +97,16 @@ def overlay(image: Tensor, cam: Tensor, alpha: float = 0.45) -> np.ndarray:
     return np.clip((1 - alpha) * rgb + alpha * heat, 0, 255).astype(np.uint8)
 
 
+def image_png(image: Tensor) -> bytes:
+    """A uint8 ``3xHxW`` image as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def overlay_png(image: Tensor, cam: Tensor) -> bytes:
     """:func:`overlay` as PNG bytes (what the web page shows)."""
-    buf = io.BytesIO()
-    Image.fromarray(overlay(image, cam)).save(buf, format="PNG")
-    return buf.getvalue()
+    return image_png(torch.from_numpy(overlay(image, cam)).permute(2, 0, 1))
 
 
 def figure_png(image: Tensor, cam: Tensor, title: str) -> bytes:
@@ -130,7 +138,7 @@ def explain(
     layer: str | None = None,
     tta: bool = False,
 ) -> tuple[Tensor, int, Tensor]:
-    """Grad-CAM of a uint8 image loaded by ``predictor``; with ``tta`` the class and the
+    """Grad-CAM of an image loaded by ``predictor``; with ``tta`` the class and the
     probabilities come from the 8 flips/rotations (the map is of the image as it is)."""
     probs = None
     if tta:
@@ -170,6 +178,7 @@ def write_cams(
     folders); returns (files written, [(input, reason)] for those skipped)."""
     class_idx = class_index(predictor.classes, class_name)
     find_layer(predictor.model, layer)  # a bad --layer fails before any work
+    predictor.pre.display_bands()  # and so do bands that cannot be shown
     files, errors = collect_images(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +198,7 @@ def write_cams(
             name = f"{path.stem}_{n}_cam.png"
         taken.add(name)
         target = out / name
-        target.write_bytes(figure_png(image, cam, title(predictor.classes, idx, probs)))
+        shown = render_rgb(image, predictor.pre)
+        target.write_bytes(figure_png(shown, cam, title(predictor.classes, idx, probs)))
         written.append(target)
     return written, errors

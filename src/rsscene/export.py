@@ -1,11 +1,13 @@
 """Export a checkpoint to ONNX or TorchScript, then check it against PyTorch.
 
-Both formats take one input, ``image``: float32 RGB in 0..1, ``N x 3 x S x S`` (any batch
-size N, S the checkpoint's evaluation size), and return ``probabilities``, ``N x classes``.
-The checkpoint's normalisation (ImageNet mean/std, or none) and the softmax are inside the
-graph, so a consumer only resizes to S x S and divides by 255. Class names, architecture,
-input size and preprocessing travel inside the file: as JSON under the key ``rsscene`` in
-ONNX ``metadata_props``, and as the extra file ``rsscene.json`` in TorchScript.
+Both formats take one input, ``image``: float32 ``N x C x S x S`` (any batch size N, C the
+checkpoint's bands, S its evaluation size), the pixels divided by the checkpoint's scale
+(RGB in 0..1: divided by 255), and return ``probabilities``, ``N x classes``. The
+checkpoint's normalisation (ImageNet mean/std for RGB, the per-band mean/std of multi-band
+training data, or none) and the softmax are inside the graph, so a consumer only picks the
+bands, resizes to S x S and divides by the scale. Class names, architecture, input size,
+bands and preprocessing travel inside the file: as JSON under the key ``rsscene`` in ONNX
+``metadata_props``, and as the extra file ``rsscene.json`` in TorchScript.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from rsscene import __version__
+from rsscene.data.bands import Preprocess
 from rsscene.data.images import ImageError, to_tensor
 from rsscene.data.synthetic import CLASSES, image_rng, render_scene
-from rsscene.data.transforms import MEAN, STD, eval_batch
+from rsscene.data.transforms import eval_batch
 from rsscene.errors import UserError
 from rsscene.inference import Predictor, collect_images
 
@@ -38,14 +41,16 @@ EXTRA_FILE = "rsscene.json"
 
 
 class Exportable(nn.Module):
-    """0..1 RGB → (normalise) → model → softmax: the whole path from pixels to probabilities."""
+    """Scaled pixels → (normalise per band) → model → softmax: the whole path from pixels to
+    probabilities."""
 
-    def __init__(self, model: nn.Module, normalize: bool) -> None:
+    def __init__(self, model: nn.Module, pre: Preprocess) -> None:
         super().__init__()
         self.model = model
-        self.normalize = normalize
-        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
+        self.normalize = pre.normalize
+        c = pre.channels
+        self.register_buffer("mean", torch.tensor(pre.mean or [0.0] * c).view(1, c, 1, 1))
+        self.register_buffer("std", torch.tensor(pre.std or [1.0] * c).view(1, c, 1, 1))
 
     def forward(self, image: Tensor) -> Tensor:
         if self.normalize:
@@ -67,6 +72,13 @@ class ExportResult:
 
 def metadata(predictor: Predictor) -> dict[str, Any]:
     """What a consumer of the exported file needs to feed it and read its output."""
+    pre = predictor.pre
+    bands = (
+        "RGB"
+        if pre.bands is None
+        else f"bands {','.join(map(str, pre.bands))} (1-based) of {pre.band_count}-band"
+        f" {pre.dtype} files"
+    )
     return {
         "format": "rsscene-export",
         "rsscene_version": __version__,
@@ -74,18 +86,25 @@ def metadata(predictor: Predictor) -> dict[str, Any]:
         "variant": predictor.ckpt.variant,
         "class_names": predictor.classes,
         "input_size": predictor.size,
-        "input": "image: float32 RGB in 0..1, N x 3 x input_size x input_size",
-        "normalization": "inside the graph: (image - mean) / std"
-        if predictor.normalize
-        else "none",
-        "mean": list(MEAN) if predictor.normalize else None,
-        "std": list(STD) if predictor.normalize else None,
+        "input": f"image: float32 {bands} divided by {pre.scale:g}, N x {pre.channels} x"
+        " input_size x input_size",
+        "bands": pre.bands,
+        "band_count": pre.band_count,
+        "band_names": pre.band_names,
+        "dtype": pre.dtype,
+        "scale": pre.scale,
+        "normalization": "inside the graph: (image - mean) / std" if pre.normalize else "none",
+        "mean": pre.mean,
+        "std": pre.std,
         "output": "probabilities: float32 N x len(class_names), softmax",
     }
 
 
 def sample_images(predictor: Predictor, paths: list[str | Path] | None = None) -> list[Tensor]:
-    """The user's images, or one built-in scene per class, as uint8 tensors at the model size."""
+    """The user's images, or (RGB) one built-in scene per class, or (other bands) random
+    images around the training data's mean, as loaded images at the model size."""
+    if not paths and predictor.pre.bands is not None:
+        return _band_samples(predictor.pre)
     if not paths:
         return [
             to_tensor(render_scene(cls, predictor.size, image_rng(0, i, 0))[0])
@@ -103,6 +122,24 @@ def sample_images(predictor: Predictor, paths: list[str | Path] | None = None) -
             "no readable --sample image"
             + (": " + "; ".join(f"{f}: {r}" for f, r in problems) if problems else "")
         )
+    return images
+
+
+def _band_samples(pre: Preprocess, n: int = 5) -> list[Tensor]:
+    """``n`` images of the checkpoint's bands and dtype, drawn around the training data's
+    per-band mean with its spread (a multi-band model has no built-in scenes)."""
+    g = torch.Generator().manual_seed(0)
+    c = pre.channels
+    mean = torch.tensor(pre.mean or [0.5] * c).view(c, 1, 1) * pre.scale
+    std = torch.tensor(pre.std or [0.1] * c).view(c, 1, 1) * pre.scale
+    dtype = getattr(torch, pre.dtype)
+    images = []
+    for _ in range(n):
+        x = mean + std * torch.randn(c, pre.size, pre.size, generator=g)
+        if not dtype.is_floating_point:
+            info = torch.iinfo(dtype)
+            x = x.round().clamp(info.min, info.max)
+        images.append(x.to(dtype))
     return images
 
 
@@ -175,9 +212,10 @@ def export(
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     images = sample_images(predictor, samples)
     reference = predictor.probabilities(images).numpy()
-    # The exported graph normalises itself, so it is fed 0..1 pixels resized the same way.
-    x = eval_batch(torch.stack(images), predictor.size, normalize_input=False)
-    wrapper = Exportable(predictor.model, predictor.normalize).eval()
+    # The exported graph normalises itself, so it is fed scaled pixels resized the same way.
+    pre = predictor.pre
+    x = eval_batch(torch.stack(images), pre.size, False, scale=pre.scale)
+    wrapper = Exportable(predictor.model, pre).eval()
     out = Path(out)
     with _atomic_target(out) as tmp:
         run = _onnx if fmt == "onnx" else _torchscript

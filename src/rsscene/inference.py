@@ -1,8 +1,9 @@
 """Predict class names for image files or bytes with a trained checkpoint.
 
 :class:`Predictor` loads a checkpoint once and applies exactly the preprocessing the run
-was evaluated with (size, normalisation), so ``predict``, ``cam``, ``export`` and the
-server all agree with ``evaluate``.
+was evaluated with (the checkpoint's :class:`~rsscene.data.bands.Preprocess`: bands, size,
+per-band normalisation), so ``predict``, ``cam``, ``export`` and the server all agree with
+``evaluate``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rsscene.data.images import ImageError, is_image_file, load_tensor
-from rsscene.data.transforms import eval_batch, tta_logits
+from rsscene.data.images import ImageError, is_image_file
+from rsscene.data.transforms import tta_logits
 from rsscene.models import load_model
 
 
@@ -57,8 +58,9 @@ class Predictor:
         self.source = str(ckpt_path)
         self.model, self.ckpt = load_model(ckpt_path)
         self.classes: list[str] = list(self.ckpt.class_names)
-        self.size: int = self.ckpt.preprocess.size
-        self.normalize: bool = self.ckpt.preprocess.normalize
+        self.pre = self.ckpt.preprocess
+        self.size: int = self.pre.size
+        self.normalize: bool = self.pre.normalize
         self.device = torch.device(device)
         self.model.to(self.device)
 
@@ -67,8 +69,8 @@ class Predictor:
         return self.ckpt.arch
 
     def prepare(self, images: list[Tensor]) -> Tensor:
-        """uint8 ``3 x size x size`` images → the normalised float batch the model expects."""
-        return eval_batch(torch.stack(images).to(self.device), self.size, self.normalize)
+        """Loaded ``C x size x size`` images → the normalised float batch the model expects."""
+        return self.pre.input(torch.stack(images).to(self.device))
 
     @torch.inference_mode()
     def probabilities(self, images: list[Tensor], tta: bool = False) -> Tensor:
@@ -77,7 +79,8 @@ class Predictor:
         return logits.float().softmax(1).cpu()
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:
-        return load_tensor(source, self.size, name=name)
+        """One image as the model reads it: its bands at the model size, or an ImageError."""
+        return self.pre.load(source, name=name)
 
     def top(self, probs: Tensor, k: int) -> list[list[tuple[str, float]]]:
         values, idx = probs.topk(min(k, len(self.classes)), dim=1)

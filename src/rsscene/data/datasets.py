@@ -2,9 +2,10 @@
 
 A split folder holds ``train/CLASS/*`` and one of ``test``, ``val``, ``valid``,
 ``validation``. Class names and their order come from ``train`` (sorted, as torchvision's
-``ImageFolder`` does). Images are decoded once into a uint8 store (``--cache memory`` or a
+``ImageFolder`` does). Images are decoded once into a store (``--cache memory`` or a
 memory-mapped file with ``--cache disk``) or decoded per batch (``--cache none``); both
-yield the same pixels, through :func:`rsscene.data.images.load_tensor`.
+yield the same pixels, through :func:`rsscene.data.images.load_tensor`. The store is uint8
+``N x 3 x S x S`` for RGB, and ``N x C x S x S`` in the data's dtype with ``--bands``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from rsscene.config import CACHE_MODES
-from rsscene.data.images import ImageError, is_image_file, load_tensor
+from rsscene.data.bands import Preprocess, band_stats, resolve_bands
+from rsscene.data.images import (
+    BandPick,
+    ImageError,
+    Raster,
+    is_image_file,
+    load_tensor,
+    read_image,
+)
 from rsscene.data.transforms import to_device
 from rsscene.errors import UserError
 
@@ -147,10 +156,13 @@ class DecodedImages(Dataset):
     ``strict=True`` it raises instead.
     """
 
-    def __init__(self, images: ImageList, size: int, strict: bool = False) -> None:
+    def __init__(
+        self, images: ImageList, size: int, strict: bool = False, bands: BandPick | None = None
+    ) -> None:
         self.images = images
         self.size = size
         self.strict = strict
+        self.bands = bands
         labels = np.asarray(images.labels)
         self._by_class = [np.flatnonzero(labels == c) for c in range(len(images.classes))]
 
@@ -167,7 +179,9 @@ class DecodedImages(Dataset):
                 raise
             # A DataLoader worker's exception reaches the main process as a RuntimeError with
             # a traceback: a user's error would read as a crash.
-            blank = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+            blank = torch.zeros(
+                _channels(self.bands), self.size, self.size, dtype=_dtype(self.bands)
+            )
             return blank, self.images.labels[index], -1
 
     def _decode(self, index: int) -> tuple[torch.Tensor, int, int]:
@@ -177,7 +191,7 @@ class DecodedImages(Dataset):
         for step in range(len(candidates)):
             i = int(candidates[(start + step) % len(candidates)])
             try:
-                return load_tensor(self.images.paths[i], self.size), label, i
+                return load_tensor(self.images.paths[i], self.size, self.bands), label, i
             except ImageError as e:
                 if self.strict:
                     raise
@@ -187,9 +201,24 @@ class DecodedImages(Dataset):
         raise UserError(f"no readable image left in class {self.images.classes[label]!r}")
 
 
-def _cache_key(images: ImageList, size: int) -> str:
+def _channels(bands: BandPick | None) -> int:
+    return 3 if bands is None else len(bands.indexes)
+
+
+def _dtype(bands: BandPick | None) -> torch.dtype:
+    return torch.uint8 if bands is None else getattr(torch, bands.dtype)
+
+
+def _bands_tag(bands: BandPick | None) -> str:
+    """Names the band choice in a disk cache's name ('' for RGB: its caches keep their names)."""
+    if bands is None:
+        return ""
+    return "b" + hashlib.sha256(repr(bands).encode()).hexdigest()[:8] + "-"
+
+
+def _cache_key(images: ImageList, size: int, bands: BandPick | None = None) -> str:
     # v2: readable images are packed at the front of the store, skipped ones leave no gap.
-    h = hashlib.sha256(f"rsscene-cache-v2:{size}".encode())
+    h = hashlib.sha256(f"rsscene-cache-v2:{size}{_bands_tag(bands)}".encode())
     for p in images.paths:
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
@@ -220,17 +249,20 @@ def _available_memory() -> int:
     return 8 << 30
 
 
-def resolve_cache_mode(mode: str, n_images: int, size: int) -> str:
+def resolve_cache_mode(mode: str, n_images: int, size: int, bytes_per_pixel: int = 3) -> str:
+    """``auto`` made concrete: memory while the store (``bytes_per_pixel``: bands x their
+    size) needs under a quarter of the free RAM, else disk."""
     if mode not in CACHE_MODES:
         raise UserError(f"unknown cache mode {mode!r}; choose one of {', '.join(CACHE_MODES)}")
     if mode != "auto":
         return mode
-    need = n_images * 3 * size * size
+    need = n_images * bytes_per_pixel * size * size
     return "memory" if need < MEMORY_SHARE * _available_memory() else "disk"
 
 
 class DecodedCache:
-    """Every image of an :class:`ImageList` decoded once into a uint8 ``N x 3 x S x S`` store.
+    """Every image of an :class:`ImageList` decoded once into an ``N x C x S x S`` store: uint8
+    RGB, or with ``bands`` the chosen bands in the data's dtype.
 
     ``mode="disk"`` keeps the store in a memory-mapped file beside the data (or in
     ``~/.cache/rsscene`` when that folder is read-only), named by a key over every file's
@@ -247,26 +279,33 @@ class DecodedCache:
         workers: int = 0,
         strict: bool = False,
         progress: bool = False,
+        bands: BandPick | None = None,
     ) -> None:
         self.size = size
+        self.bands = bands
         self.classes = images.classes
         self.skipped: list[tuple[str, str]] = []
         n = len(images)
+        shape = (n, _channels(bands), size, size)
         if mode == "disk":
             folder = _cache_dir(images)
             # Named by folder and size, then by content: a newer build of the same folder and
             # size replaces the older one instead of piling up beside it.
             where = hashlib.sha256(str(images.root.absolute()).encode()).hexdigest()[:8]
-            prefix = f"{images.root.name}-{where}-{size}-"
-            name = prefix + _cache_key(images, size)
-            data_file, index_file = folder / f"{name}.u8", folder / f"{name}.json"
+            prefix = f"{images.root.name}-{where}-{size}-{_bands_tag(bands)}"
+            name = prefix + _cache_key(images, size, bands)
+            suffix = ".u8" if bands is None else f".{bands.dtype}"
+            data_file, index_file = folder / f"{name}{suffix}", folder / f"{name}.json"
             if index_file.is_file() and data_file.is_file():
                 self._open(data_file, json.loads(index_file.read_text()), images)
                 return
             # Private temporary names: several processes (torchrun ranks) may build at once.
             tmp = f".{os.getpid()}.tmp"
             store = np.lib.format.open_memmap(
-                f"{data_file}{tmp}", mode="w+", dtype=np.uint8, shape=(n, 3, size, size)
+                f"{data_file}{tmp}",
+                mode="w+",
+                dtype=np.uint8 if bands is None else np.dtype(bands.dtype),
+                shape=shape,
             )
             ok = self._fill(torch.from_numpy(store), images, workers, strict, progress)
             store.flush()
@@ -280,7 +319,7 @@ class DecodedCache:
                     old.unlink(missing_ok=True)
             self._open(data_file, meta, images)
         else:
-            store = torch.empty((n, 3, size, size), dtype=torch.uint8)
+            store = torch.empty(shape, dtype=_dtype(bands))
             ok = self._fill(store, images, workers, strict, progress)
             self._keep(store, ok, images)
 
@@ -304,7 +343,7 @@ class DecodedCache:
         ok = [True] * len(images)
         row = 0
         loader = DataLoader(
-            _StrictDecode(images, self.size),
+            _StrictDecode(images, self.size, self.bands),
             batch_size=None,
             num_workers=workers,
             # DataLoader seeds its workers from this generator, by default the global one:
@@ -334,15 +373,15 @@ class DecodedCache:
 
 
 class _StrictDecode(Dataset):
-    def __init__(self, images: ImageList, size: int) -> None:
-        self.images, self.size = images, size
+    def __init__(self, images: ImageList, size: int, bands: BandPick | None) -> None:
+        self.images, self.size, self.bands = images, size, bands
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor | str:
         try:
-            return load_tensor(self.images.paths[i], self.size)
+            return load_tensor(self.images.paths[i], self.size, self.bands)
         except ImageError as e:
             return e.reason
 
@@ -350,13 +389,14 @@ class _StrictDecode(Dataset):
 # --------------------------------------------------------------------------- batches
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 B x 3 x S x S
+    images: torch.Tensor  # B x C x S x S: uint8 RGB, or the bands in the data's dtype
     labels: torch.Tensor
     index: torch.Tensor  # rows of the source, for reporting which files were predicted
 
 
 class BatchLoader:
-    """Batches of uint8 images from a cache (indexing) or from files (DataLoader workers).
+    """Batches of images from a cache (indexing) or from files (DataLoader workers): uint8
+    RGB, or with ``bands`` the chosen bands in the data's dtype.
 
     The order is given from outside (a permutation or ``range``), so the two sources yield
     the same batches for the same seed.
@@ -371,17 +411,19 @@ class BatchLoader:
         device: torch.device | str = "cpu",
         strict: bool = False,
         progress: bool = True,
+        bands: BandPick | None = None,
     ) -> None:
         self.images = images
         self.size = size
         self.device = torch.device(device)
         self.workers = workers
-        self.mode = resolve_cache_mode(cache, len(images), size)
+        per_pixel = _channels(bands) * _dtype(bands).itemsize
+        self.mode = resolve_cache_mode(cache, len(images), size, per_pixel)
         self.classes = images.classes
         self.replaced = 0  # samples decoded from another file because theirs was unreadable
         if self.mode == "none":
             self.cache = None
-            self.source = DecodedImages(images, size, strict=strict)
+            self.source = DecodedImages(images, size, strict=strict, bands=bands)
             self.labels = torch.tensor(images.labels)
             self.paths = list(images.paths)
             self.skipped = list(images.skipped)
@@ -393,6 +435,7 @@ class BatchLoader:
                 workers=workers,
                 strict=strict,
                 progress=progress and sys.stderr.isatty(),
+                bands=bands,
             )
             # "auto" judged host memory; on the GPU the cache must also leave room to train, or
             # it stays on the host and batches are copied up.
@@ -446,15 +489,28 @@ def chunks(indices: list[int], size: int, drop_last: bool = False) -> list[list[
     return out
 
 
+def first_raster(images: ImageList) -> tuple[Raster, str]:
+    """The first readable training image's raster and path, for choosing bands from."""
+    problems = []
+    for path in images.paths:
+        try:
+            return read_image(path), str(path)
+        except ImageError as e:
+            problems.append(str(e))
+    raise UserError(f"{images.root}: no readable image ({problems[0] if problems else 'none'})")
+
+
 @dataclass
 class TrainData:
     """What a trainer reads: training batches, the held-out images evaluated after each epoch
-    (``test``, and ``val`` when the split has one, which then chooses ``best.pt``), and the
-    class names in label order."""
+    (``test``, and ``val`` when the split has one, which then chooses ``best.pt``), the class
+    names in label order, and ``preprocess``: the bands read and their statistics (8-bit RGB
+    with ImageNet mean/std unless built with ``bands``)."""
 
     train: BatchLoader
     test: BatchLoader | None = None
     val: BatchLoader | None = None
+    preprocess: Preprocess = field(default_factory=Preprocess)
 
     @property
     def classes(self) -> list[str]:
@@ -475,18 +531,38 @@ class TrainData:
         device: torch.device | str = "cpu",
         strict: bool = False,
         progress: bool = True,
+        bands: str | None = None,
     ) -> TrainData:
         """Loaders over a prepared split: training images stored at ``img_size``, held-out
-        ones at ``eval_size`` (default: the same)."""
+        ones at ``eval_size`` (default: the same). ``bands`` (``all``, ``4,3,2``, names) reads
+        those bands of multi-band files, with per-band mean/std from the training images."""
         split = open_split(root)
         eval_size = eval_size or img_size
-        train = BatchLoader(split.train, img_size, cache, workers, device, strict, progress)
+        pick, names = None, None
+        if bands is not None:
+            raster, label = first_raster(split.train)
+            pick, names = resolve_bands(bands, raster, label)
+        train = BatchLoader(split.train, img_size, cache, workers, device, strict, progress, pick)
         # Held-out images are decoded into a store even with --cache none: an unreadable one
         # must be left out and counted, not replaced by another as in training.
         eval_cache = "memory" if cache == "none" else cache
         held_out = {
-            name: BatchLoader(images, eval_size, eval_cache, workers, device, strict, progress)
+            name: BatchLoader(
+                images, eval_size, eval_cache, workers, device, strict, progress, pick
+            )
             for name, images in (("test", split.test), ("val", split.val))
             if images is not None
         }
-        return cls(train, **held_out)
+        preprocess = Preprocess(eval_size)
+        if pick is not None:
+            preprocess = Preprocess(
+                eval_size,
+                bands=list(pick.indexes),
+                band_count=pick.count,
+                band_names=names,
+                dtype=pick.dtype,
+            )
+            rows = chunks(list(range(len(train))), 256)
+            batches = (b.images for b in train.batches(rows))
+            preprocess.mean, preprocess.std = band_stats(batches, preprocess.scale)
+        return cls(train, **held_out, preprocess=preprocess)

@@ -1,18 +1,24 @@
 """The one place that opens an image file.
 
-Every reader in rsscene (prepare, datasets, predict, cam, the server) goes through
-:func:`open_image`, so the same rules hold everywhere: any mode becomes 3-channel RGB,
-EXIF orientation is applied, the first frame of an animation is taken, and anything
-that is not a decodable image of sane size raises :class:`ImageError` naming the file.
+Every reader in rsscene (prepare, datasets, predict, cam, the server, map) goes through
+:func:`read_image`, so the same rules hold everywhere. A TIFF or GeoTIFF is read by tifffile
+as ``C x H x W`` in the file's own dtype (any number of bands, pixel- or band-interleaved,
+compressed); every other format is decoded by Pillow through :func:`open_image` into 8-bit
+RGB (any mode becomes 3-channel RGB, EXIF orientation is applied, the first frame of an
+animation is taken). Models trained without ``--bands`` read every file as 8-bit RGB
+(:func:`load_tensor` without ``bands``), as rsscene always did. Anything that is not a
+decodable image of sane size raises :class:`ImageError` naming the file.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +32,20 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", "
 # 100 megapixels: far above any scene tile, far below what would exhaust memory when decoded.
 MAX_PIXELS = int(os.environ.get("RSSCENE_MAX_PIXELS", 100_000_000))
 MIN_SIDE = 8
+# Decoded bytes allowed per pixel of the limit: an 8-bit RGBA image of MAX_PIXELS, or a
+# 13-band uint16 one of 30 megapixels. A header claiming thousands of bands is refused too.
+MAX_BYTES_PER_PIXEL = 8
+TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# Sample types a band image may hold (what remote-sensing rasters use).
+BAND_DTYPES = ("uint8", "uint16", "int16", "float32")
+# GDAL writes band descriptions into its XML metadata tag; read them without an XML parser
+# (nothing in an untrusted file gets to expand entities).
+_GDAL_DESCRIPTION = re.compile(
+    r'<Item name="DESCRIPTION" sample="(\d+)" role="description">([^<]*)</Item>'
+)
+_GDAL_COLORINTERP = re.compile(
+    r'<Item name="COLORINTERP" sample="(\d+)" role="colorinterp">([^<]*)</Item>'
+)
 
 
 class ImageError(UserError):
@@ -39,6 +59,13 @@ class ImageError(UserError):
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _too_large(w: int, h: int, max_pixels: int) -> str:
+    return (
+        f"too large ({w}x{h} = {w * h:,} pixels > {max_pixels:,}): refused as a possible"
+        " decompression bomb"
+    )
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -80,13 +107,11 @@ def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator
             img = Image.open(fp)
             w, h = img.size
             if w * h > max_pixels:
-                raise ImageError(
-                    label,
-                    f"too large ({w}x{h} = {w * h:,} pixels > {max_pixels:,}): refused as a"
-                    " possible decompression bomb",
-                )
+                raise ImageError(label, _too_large(w, h, max_pixels))
             if min(w, h) < MIN_SIDE:
                 raise ImageError(label, f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
+            if img.format == "TIFF":
+                _refuse_extra_bands(img, label)
             yield img
     except ImageError:
         raise
@@ -97,6 +122,10 @@ def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator
     except PermissionError:
         raise ImageError(label, "permission denied") from None
     except UnidentifiedImageError:
+        if _header(source) in TIFF_MAGIC:
+            # Pillow reads at most 4 bands; say what the file is rather than "not an image".
+            raster = read_image(source, max_pixels=max_pixels, name=label)
+            raise ImageError(label, _not_rgb(raster.array.shape[0], raster.array.dtype)) from None
         raise ImageError(label, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(label, f"refused as a possible decompression bomb ({e})") from None
@@ -117,9 +146,16 @@ def image_size(
 ) -> tuple[int, int]:
     """Width and height as the header states them, nothing decoded: what decoding will cost.
 
-    Raises :class:`ImageError` for what :func:`open_image` refuses from the header alone.
+    Raises :class:`ImageError` for what :func:`read_image` refuses from the header alone.
     """
-    with _opened(source, max_pixels, _label(source, name)) as img:
+    label = _label(source, name)
+    if _header(source) in TIFF_MAGIC:
+        import tifffile
+
+        with _tiff_errors(label), tifffile.TiffFile(_stream(source)) as tif:
+            _check_tiff_page(tif.pages.first, label, max_pixels)
+            return int(tif.pages.first.imagewidth), int(tif.pages.first.imagelength)
+    with _opened(source, max_pixels, label) as img:
         return img.size
 
 
@@ -134,17 +170,219 @@ def open_image(
         return _to_rgb(img)
 
 
+def _not_rgb(bands: int, dtype: np.dtype | None = None) -> str:
+    kind = f" ({dtype})" if dtype is not None else ""
+    return (
+        f"has {bands} bands{kind}, but this reads 8-bit RGB images (3 bands); a model"
+        " trained with --bands reads multi-band files"
+    )
+
+
+def _refuse_extra_bands(img: Image.Image, label: str) -> None:
+    """A 4-band TIFF whose 4th band is not transparency (RGB + near-infrared) would become RGBA
+    in Pillow, its infrared taken as alpha: refused instead of silently losing a band."""
+    samples = int(img.tag_v2.get(277, 1))
+    extra = img.tag_v2.get(338, ())
+    extra = extra if isinstance(extra, tuple) else (extra,)
+    alpha = sum(1 for e in extra if e in (1, 2))  # associated or unassociated alpha
+    # GDAL's own colour interpretation overrides the tag (NAIP files tag their near-infrared
+    # band as alpha and say "Undefined" here).
+    interp = dict(_GDAL_COLORINTERP.findall(str(img.tag_v2.get(42112, ""))))
+    if interp:
+        alpha = sum(1 for i in range(3, samples) if interp.get(str(i), "").lower() == "alpha")
+    if samples - alpha > 3:
+        raise ImageError(label, _not_rgb(samples))
+
+
+def _stream(source: str | Path | bytes) -> str | Path | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _header(source: str | Path | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source[:4]
+    try:
+        with open(source, "rb") as f:
+            return f.read(4)
+    except OSError:
+        return b""
+
+
+@dataclass
+class Raster:
+    """A decoded image: ``array`` is ``C x H x W`` in the file's dtype; ``names`` the band
+    descriptions the file carries (None when it has none)."""
+
+    array: np.ndarray
+    names: list[str] | None = None
+
+
+def _gdal_names(page, bands: int) -> list[str] | None:
+    tag = page.tags.get("GDAL_METADATA")
+    if tag is None or not isinstance(tag.value, str):
+        return None
+    found = {int(i): text.strip() for i, text in _GDAL_DESCRIPTION.findall(tag.value)}
+    if not found:
+        return None
+    return [found.get(i, "") for i in range(bands)]
+
+
+def _check_tiff_page(page, label: str, max_pixels: int) -> None:
+    """Refuse, from the header alone, what would be too large, too small or of another kind."""
+    h, w = int(page.imagelength), int(page.imagewidth)
+    bands = int(page.samplesperpixel)
+    if w * h > max_pixels:
+        raise ImageError(label, _too_large(w, h, max_pixels))
+    if w * h * bands * page.dtype.itemsize > max_pixels * MAX_BYTES_PER_PIXEL:
+        raise ImageError(
+            label,
+            f"too large ({w}x{h} x {bands} bands of {page.dtype} ="
+            f" {w * h * bands * page.dtype.itemsize:,} bytes decoded): refused as a possible"
+            " decompression bomb",
+        )
+    if min(w, h) < MIN_SIDE:
+        raise ImageError(label, f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
+    if page.dtype is None or page.dtype.name not in BAND_DTYPES:
+        raise ImageError(
+            label,
+            f"sample type {page.dtype} is not supported (one of {', '.join(BAND_DTYPES)})",
+        )
+
+
+def _finite(array: np.ndarray, label: str) -> np.ndarray:
+    """Float bands: refused when no value is finite; NaN/Inf (nodata) elsewhere become the
+    band's mean, which standardises to 0."""
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return array
+    if bad.all():
+        raise ImageError(label, "no finite pixel values (all NaN or infinite)")
+    array = array.copy()
+    for band, mask in zip(array, bad, strict=True):
+        if mask.all():
+            raise ImageError(label, "a band has no finite pixel values (all NaN or infinite)")
+        band[mask] = band[~mask].mean()
+    return array
+
+
+def _read_tiff(source: str | Path | bytes, label: str, max_pixels: int) -> Raster:
+    import tifffile
+
+    with tifffile.TiffFile(_stream(source)) as tif:
+        page = tif.pages.first
+        _check_tiff_page(page, label, max_pixels)
+        if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
+            # Colour-mapped: the indexes are no bands; Pillow applies the palette.
+            return Raster(to_tensor(open_image(source, max_pixels=max_pixels, name=label)).numpy())
+        try:
+            array = page.asarray()
+        except KeyError as e:  # tifffile's way of naming a codec it lacks
+            raise ImageError(label, f"cannot decode its compression ({e.args[0]})") from None
+        # tifffile names the axes: S the samples (bands), pixel- (YXS) or band-interleaved (SYX).
+        if page.axes == "YX":
+            array = array[None]
+        elif page.axes == "YXS":
+            array = array.transpose(2, 0, 1)
+        elif page.axes != "SYX":
+            raise ImageError(label, f"unsupported TIFF layout (axes {page.axes})")
+        names = _gdal_names(page, array.shape[0])
+    array = np.ascontiguousarray(array)
+    if array.dtype.kind == "f":
+        array = _finite(array, label)
+    return Raster(array, names)
+
+
+def read_image(
+    source: str | Path | bytes, *, max_pixels: int = MAX_PIXELS, name: str | None = None
+) -> Raster:
+    """Decode a file (or bytes) into a :class:`Raster` (``C x H x W`` in the file's dtype),
+    or raise :class:`ImageError`. TIFF goes through tifffile with every band; other formats
+    through :func:`open_image` as 8-bit RGB."""
+    label = _label(source, name)
+    if _header(source) not in TIFF_MAGIC:
+        return Raster(to_tensor(open_image(source, max_pixels=max_pixels, name=name)).numpy())
+    with _tiff_errors(label):
+        return _read_tiff(source, label, max_pixels)
+
+
+@contextmanager
+def _tiff_errors(label: str) -> Iterator[None]:
+    """Any failure of tifffile as an :class:`ImageError` naming ``label``."""
+    try:
+        yield
+    except ImageError:
+        raise
+    except MemoryError:
+        raise ImageError(label, "image too large to decode in memory") from None
+    except Exception as e:
+        # tifffile reports damaged files through many exception types (its own, ValueError,
+        # struct.error, IndexError, zlib.error, ...): all of them mean the file is unusable.
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ImageError(label, f"corrupt or truncated image ({reason})") from None
+
+
+@dataclass(frozen=True)
+class BandPick:
+    """Which bands of each file a model reads: 1-based ``indexes`` in the model's order, from
+    files that must have ``count`` bands of ``dtype``."""
+
+    indexes: tuple[int, ...]
+    count: int
+    dtype: str = "uint8"
+
+    def take(self, raster: Raster, label: str) -> np.ndarray:
+        """The chosen bands of ``raster`` (read from ``label``), or an :class:`ImageError`
+        naming both band counts (or both dtypes) when the file is not like the training data."""
+        have = raster.array.shape[0]
+        if have != self.count:
+            raise ImageError(
+                label,
+                f"has {have} band{'s' if have != 1 else ''}, but the model was trained on files"
+                f" with {self.count}",
+            )
+        if raster.array.dtype.name != self.dtype:
+            # Another dtype has another range: scaling it as the training data would be wrong.
+            raise ImageError(
+                label,
+                f"holds {raster.array.dtype.name} values, but the model was trained on"
+                f" {self.dtype} files",
+            )
+        return raster.array[[i - 1 for i in self.indexes]]
+
+
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB Pillow image → uint8 tensor of shape 3 x H x W."""
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
 
 
-def load_tensor(source: str | Path | bytes, size: int | None = None, **kwargs) -> torch.Tensor:
-    """Decode to a uint8 3 x H x W tensor, resized to ``size`` x ``size`` when given.
+def resize_bands(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased resize of a ``C x H x W`` image of any dtype, keeping its dtype (integers
+    rounded and clamped to their range)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if x.dtype == torch.uint8:
+        return TF.resize(x, [size, size], antialias=True)
+    out = TF.resize(x.float(), [size, size], antialias=True)
+    if x.dtype.is_floating_point:
+        return out.to(x.dtype)
+    info = torch.iinfo(x.dtype)
+    return out.round_().clamp_(info.min, info.max).to(x.dtype)
+
+
+def load_tensor(
+    source: str | Path | bytes,
+    size: int | None = None,
+    bands: BandPick | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """Decode to a ``C x H x W`` tensor, resized to ``size`` x ``size`` when given: without
+    ``bands`` 8-bit RGB (3 x H x W uint8); with them the chosen bands in the file's dtype.
 
     This is the one resize every pipeline uses (cached or not), so pixels agree between them.
     """
-    x = to_tensor(open_image(source, **kwargs))
-    if size is not None and x.shape[-2:] != (size, size):
-        x = TF.resize(x, [size, size], antialias=True)
-    return x
+    if bands is None:
+        x = to_tensor(open_image(source, **kwargs))
+    else:
+        label = kwargs.get("name") or ("<bytes>" if isinstance(source, bytes) else str(source))
+        x = torch.from_numpy(np.ascontiguousarray(bands.take(read_image(source, **kwargs), label)))
+    return x if size is None else resize_bands(x, size)

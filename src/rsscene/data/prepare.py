@@ -11,7 +11,8 @@ and the result is::
     DST/test/CLASS/image.jpg
     DST/split.json               (the manifest, written last)
 
-Every candidate file is decoded with :func:`rsscene.data.images.open_image` *before* the split,
+Every candidate file is decoded with :func:`rsscene.data.images.read_image` *before* the split
+(every band of a TIFF, 8-bit RGB for other formats),
 so a file that cannot be read never takes a slot; it is left out and listed with its reason.
 
 The split is stratified and deterministic: within a class, files are ordered by
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rsscene.data.images import ImageError, is_image_file, open_image
+from rsscene.data.images import ImageError, is_image_file, read_image
 from rsscene.errors import UserError
 
 MANIFEST_NAME = "split.json"
@@ -274,7 +275,7 @@ def _check_one(cand: _Candidate) -> _Checked:
         return _Checked(cand, 0, "", f"cannot read ({e.strerror or type(e).__name__})")
     digest = hashlib.sha256(data).hexdigest()
     try:
-        open_image(data, name=cand.rel)
+        read_image(data, name=cand.rel)
     except ImageError as e:
         return _Checked(cand, len(data), digest, e.reason)
     return _Checked(cand, len(data), digest, None)

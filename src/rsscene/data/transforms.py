@@ -1,7 +1,8 @@
 """Batch transforms on uint8 tensors: training augmentation, evaluation, test-time augmentation.
 
-Images arrive as uint8 batches ``B x 3 x S x S`` (from the decoded cache or from the
-per-image loader) and leave as normalised float batches, on whatever device they are on.
+Images arrive as batches ``B x C x S x S`` in the data's dtype (uint8 RGB, or the bands of
+multi-band files, from the decoded cache or from the per-image loader) and leave as
+normalised float batches, on whatever device they are on.
 Random resized crop, the eight flips/rotations of the square and scale jitter are folded
 into one affine warp per image, so a whole batch is augmented by a single ``grid_sample``
 call: cheap on a CPU and on a GPU alike.
@@ -10,6 +11,7 @@ call: cheap on a CPU and on a GPU alike.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +48,21 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     return x.to(device)
 
 
-def normalize(x: Tensor, enabled: bool = True) -> Tensor:
-    """uint8 (or float in 0..255) → float in 0..1, then standardised by MEAN/STD if enabled."""
-    x = x.float().div_(255.0)
-    if not enabled:
+def normalize(
+    x: Tensor,
+    enabled: bool = True,
+    mean: Sequence[float] | None = MEAN,
+    std: Sequence[float] | None = STD,
+    scale: float = 255.0,
+) -> Tensor:
+    """Pixels (uint8, or any dtype in its own units) → float divided by ``scale`` (0..1 for
+    8-bit), then standardised per band by ``mean``/``std`` if enabled."""
+    x = x.float().div_(scale)
+    if not enabled or mean is None:
         return x
-    mean = to_device(torch.tensor(MEAN).view(1, 3, 1, 1), x.device)
-    std = to_device(torch.tensor(STD).view(1, 3, 1, 1), x.device)
+    c = x.shape[1]
+    mean = to_device(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), x.device)
+    std = to_device(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), x.device)
     return x.sub_(mean).div_(std)
 
 
@@ -76,7 +86,9 @@ class Augment:
 
     ``scale`` and ``ratio`` are RandomResizedCrop's (area fraction and aspect range of the
     crop); ``dihedral`` draws one of the 8 flips/rotations, ``hflip`` only a horizontal
-    flip (the tutorial's); ``jitter`` is the strength of brightness/contrast/saturation jitter.
+    flip (the tutorial's); ``jitter`` is the strength of brightness/contrast/saturation jitter
+    for 8-bit RGB, and of per-band brightness/contrast for other bands (``rgb`` False).
+    ``mean``, ``std`` and ``pixel_scale`` standardise the result (:func:`normalize`).
     """
 
     size: int
@@ -87,6 +99,10 @@ class Augment:
     jitter: float = 0.0
     crop: bool = True
     normalize: bool = True
+    rgb: bool = True
+    mean: Sequence[float] | None = MEAN
+    std: Sequence[float] | None = STD
+    pixel_scale: float = 255.0
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b = x.shape[0]
@@ -94,7 +110,7 @@ class Augment:
         x = x.float()
         if self.crop or self.dihedral or self.hflip:
             theta = to_device(self._affine(b, generator), dev)
-            grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
+            grid = F.affine_grid(theta, [b, x.shape[1], self.size, self.size], align_corners=False)
             # Only downsample with antialiasing first when the warp would skip pixels.
             if x.shape[-1] > 2 * self.size:
                 x = resize_batch(x, 2 * self.size)
@@ -104,8 +120,10 @@ class Augment:
         else:
             x = resize_batch(x, self.size)
         if self.jitter > 0:
-            x = self._jitter(x, generator)
-        return normalize(x.clamp_(0, 255), self.normalize)
+            x = self._jitter(x, generator) if self.rgb else self._band_jitter(x, generator)
+        if self.rgb:
+            x = x.clamp_(0, 255)
+        return normalize(x, self.normalize, self.mean, self.std, self.pixel_scale)
 
     def _affine(self, b: int, g: torch.Generator) -> Tensor:
         def uniform(lo: float, hi: float) -> Tensor:
@@ -144,10 +162,30 @@ class Augment:
         grey = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
         return (x - grey) * factor() + grey
 
+    def _band_jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
+        """Brightness and contrast drawn for each band of each image: no band mixes into
+        another, as saturation would (it has no meaning beyond red, green and blue)."""
+        b, c = x.shape[:2]
 
-def eval_batch(x: Tensor, size: int, normalize_input: bool = True) -> Tensor:
+        def factor() -> Tensor:
+            u = torch.rand(b, c, 1, 1, generator=g)
+            return to_device(1 + self.jitter * (2 * u - 1), x.device)
+
+        x = x * factor()
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        return (x - mean) * factor() + mean
+
+
+def eval_batch(
+    x: Tensor,
+    size: int,
+    normalize_input: bool = True,
+    mean: Sequence[float] | None = MEAN,
+    std: Sequence[float] | None = STD,
+    scale: float = 255.0,
+) -> Tensor:
     """The deterministic evaluation transform: resize to ``size``, scale, normalise."""
-    return normalize(resize_batch(x.float(), size), normalize_input)
+    return normalize(resize_batch(x.float(), size), normalize_input, mean, std, scale)
 
 
 def tta_logits(model: torch.nn.Module, x: Tensor) -> Tensor:

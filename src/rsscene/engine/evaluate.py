@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rsscene.data.datasets import BatchLoader, chunks, find_eval_folder, list_images
-from rsscene.data.transforms import eval_batch, tta_logits
+from rsscene.data.transforms import MEAN, STD, eval_batch, tta_logits
 from rsscene.engine.device import autocast
 from rsscene.errors import UserError
 
@@ -42,17 +42,21 @@ def predict(
     *,
     size: int,
     normalize: bool = True,
+    mean: list[float] | None = MEAN,
+    std: list[float] | None = STD,
+    scale: float = 255.0,
     batch_size: int = 128,
     tta: bool = False,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> Predictions:
-    """Logits for ``rows`` of ``loader`` (all by default) in inference mode, batch by batch."""
+    """Logits for ``rows`` of ``loader`` (all by default) in inference mode, batch by batch,
+    standardised by ``mean``/``std`` after dividing by ``scale``."""
     model.eval()
     rows = list(range(len(loader))) if rows is None else rows
     out, labels, index = [], [], []
     for batch in loader.batches(chunks(rows, batch_size)):
-        x = eval_batch(batch.images, size, normalize)
+        x = eval_batch(batch.images, size, normalize, mean, std, scale)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(loader.device, amp_dtype):
@@ -207,13 +211,15 @@ def evaluate_checkpoint(
         data = find_eval_folder(data)
     predictor = Predictor(ckpt_path, device=device)
     images = list_images(data, predictor.classes)
-    loader = BatchLoader(images, predictor.size, cache, workers, predictor.device, strict)
+    loader = BatchLoader(
+        images, predictor.size, cache, workers, predictor.device, strict, bands=predictor.pre.pick
+    )
     if not len(loader):
         first = loader.skipped[0] if loader.skipped else ("", "")
         raise UserError(
             f"{data}: none of its {len(images)} images could be read (e.g. {first[0]}: {first[1]})"
         )
-    kwargs = dict(size=predictor.size, normalize=predictor.normalize, batch_size=batch_size)
+    kwargs = dict(size=predictor.size, batch_size=batch_size, **predictor.pre.standardise)
     preds = predict(predictor.model, loader, **kwargs)
     report = report_from_predictions(preds, predictor.classes)
     report.update(

@@ -12,23 +12,31 @@ from torch import Tensor, nn
 
 from rsscene import checkpoint
 from rsscene.config import TrainConfig
+from rsscene.data.bands import Preprocess
 from rsscene.data.datasets import chunks
 from rsscene.data.transforms import Augment, to_device
 from rsscene.errors import UserError
-from rsscene.models import ResNet, create_model, load_backbone, load_pretrained
+from rsscene.models import (
+    ResNet,
+    clean_state_dict,
+    create_model,
+    load_backbone,
+    load_pretrained,
+)
 
 
 def build_model(
-    cfg: TrainConfig, num_classes: int, load_weights: bool = True
+    cfg: TrainConfig, num_classes: int, load_weights: bool = True, in_channels: int = 3
 ) -> tuple[ResNet, str | None]:
-    """The model ``cfg`` starts from: built, with ``--weights`` or ``--pretrained`` loaded
-    (unless not ``load_weights``) and the backbone frozen if asked; with a note to print when
-    the classifier was replaced."""
+    """The model ``cfg`` starts from, for ``in_channels`` bands: built, with ``--weights`` or
+    ``--pretrained`` loaded (unless not ``load_weights``) and the backbone frozen if asked;
+    with a note to print saying what was re-initialised or adapted."""
     model = create_model(
         cfg.arch,
         num_classes=num_classes,
         variant=cfg.variant,
         zero_init_residual=cfg.zero_init_residual,
+        in_channels=in_channels,
     )
     note = None
     if load_weights and (cfg.weights or cfg.pretrained):
@@ -36,15 +44,19 @@ def build_model(
             start, source = checkpoint.read_state_dict(cfg.weights), cfg.weights
         else:
             start, source = load_pretrained(cfg.arch), f"torchvision {cfg.arch} ImageNet weights"
+        conv = clean_state_dict(start).get("conv1.weight")
         try:
             reinit = load_backbone(model, start)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"--weights {source}: {str(e)[:300]}") from None
+        changes = []
         if reinit:
-            note = (
-                f"loaded {source}; classifier re-initialised for {num_classes} classes (the"
-                " file's has another size)"
-            )
+            changes.append(f"re-initialised {', '.join(reinit)} for {num_classes} classes")
+        if conv is not None and conv.shape[1] != in_channels:
+            how = "summed" if in_channels == 1 else f"repeated over the bands, x 3/{in_channels}"
+            changes.append(f"adapted conv1 from {conv.shape[1]} to {in_channels} bands ({how})")
+        if changes:
+            note = f"loaded {source}; " + "; ".join(changes)
     if cfg.freeze_backbone:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
@@ -98,8 +110,10 @@ def make_scheduler(
     )
 
 
-def make_augment(cfg: TrainConfig) -> Augment:
-    """The batch augmentation ``cfg`` describes, at the training resolution."""
+def make_augment(cfg: TrainConfig, pre: Preprocess | None = None) -> Augment:
+    """The batch augmentation ``cfg`` describes, at the training resolution, standardising
+    as ``pre`` says (default: 8-bit RGB with ImageNet mean/std)."""
+    pre = pre or Preprocess()
     return Augment(
         cfg.img_size,
         scale=cfg.crop_scale,
@@ -108,6 +122,10 @@ def make_augment(cfg: TrainConfig) -> Augment:
         jitter=cfg.jitter,
         crop=cfg.crop_scale != (1.0, 1.0),
         normalize=cfg.normalize,
+        rgb=pre.bands is None,
+        mean=pre.mean,
+        std=pre.std,
+        pixel_scale=pre.scale,
     )
 
 

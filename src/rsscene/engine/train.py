@@ -17,6 +17,7 @@ by (seed, epoch, step, rank), so a run resumed from any step reproduces the unin
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 import sys
@@ -31,10 +32,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rsscene import checkpoint
-from rsscene.checkpoint import Checkpoint, Preprocess, TrainingState
+from rsscene.checkpoint import Checkpoint, TrainingState
 from rsscene.config import TrainConfig, resolve
 from rsscene.data.datasets import Batch, BatchLoader, TrainData, chunks, typical_side
-from rsscene.data.transforms import MEAN, STD
 from rsscene.engine import distributed, recipe, runstate
 from rsscene.engine.device import (
     amp_dtype,
@@ -108,9 +108,16 @@ class Trainer:
         self.data = data
         self.classes = data.classes
         self.fingerprint = runstate.data_fingerprint(self.classes, data.train.images)
-        self.source_size = typical_side(data.train.images)
         self.select = "val" if data.val is not None else "test"
-        self.augment = recipe.make_augment(self.cfg)
+        # What inference needs to feed the model as it was trained: bands, statistics, size.
+        self.preprocess = dataclasses.replace(
+            data.preprocess,
+            size=self.cfg.eval_size,
+            mean=data.preprocess.mean if self.cfg.normalize else None,
+            std=data.preprocess.std if self.cfg.normalize else None,
+            source_size=typical_side(data.train.images),
+        )
+        self.augment = recipe.make_augment(self.cfg, self.preprocess)
         self._wrap(model)
         self.optimizer = optimizer or recipe.make_optimizer(self.cfg, self.net)
         self.global_batch = self.cfg.batch_size * self.dist.world
@@ -149,10 +156,20 @@ class Trainer:
             workers = default_workers() if cfg.workers is None else cfg.workers
             store = max(cfg.img_size, cfg.eval_size)
             data = TrainData.from_split(
-                cfg.data, store, cfg.eval_size, cfg.cache, workers, device, cfg.strict, dist.main
+                cfg.data,
+                store,
+                cfg.eval_size,
+                cfg.cache,
+                workers,
+                device,
+                cfg.strict,
+                dist.main,
+                cfg.bands,
             )
             # A resumed run takes its weights from the checkpoint, not from where it started.
-            model, note = recipe.build_model(cfg, len(data.classes), load_weights=ckpt is None)
+            model, note = recipe.build_model(
+                cfg, len(data.classes), ckpt is None, data.preprocess.channels
+            )
             if note and dist.main:
                 log(note)
             run_dir = runstate.run_folder(resume) if resume else None
@@ -231,7 +248,6 @@ class Trainer:
     def checkpoint(self, resumable: bool = True) -> Checkpoint:
         """The run as a checkpoint: weights and what inference needs, plus, when
         ``resumable``, the optimizer, schedule and progress that ``--resume`` continues from."""
-        normalize = self.cfg.normalize
         state = None
         if resumable:
             state = TrainingState(
@@ -250,12 +266,7 @@ class Trainer:
             arch=self.cfg.arch,
             variant=self.cfg.variant,
             class_names=self.classes,
-            preprocess=Preprocess(
-                self.cfg.eval_size,
-                list(MEAN) if normalize else None,
-                list(STD) if normalize else None,
-                self.source_size,
-            ),
+            preprocess=self.preprocess,
             config=self.cfg.to_dict(),
             data_fingerprint=self.fingerprint,
             next_epoch=self.state.next_epoch,
@@ -537,7 +548,7 @@ class Trainer:
             loader,
             list(range(self.dist.rank, len(loader), self.dist.world)),
             size=self.cfg.eval_size,
-            normalize=self.cfg.normalize,
+            **self.preprocess.standardise,
             batch_size=2 * self.cfg.batch_size,
             tta=tta,
             amp_dtype=self.amp,

@@ -15,6 +15,7 @@ from rsscene.models.resnet import (
     resnet152,
 )
 from rsscene.models.weights import (
+    adapt_first_conv,
     clean_state_dict,
     from_weights,
     load_backbone,
@@ -30,6 +31,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "adapt_first_conv",
     "clean_state_dict",
     "create_model",
     "from_weights",

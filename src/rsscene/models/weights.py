@@ -7,6 +7,7 @@ downloads except :func:`load_pretrained`, and only into torchvision's own cache.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 
@@ -22,41 +23,75 @@ from rsscene.models.resnet import ResNet, create_model
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
 
+# Wrappers whose weights hold a ResNet under a prefix: DDP and torch.compile around any model;
+# MoCo's query encoder and the "backbone." of many self-supervised and detection checkpoints.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+ENCODER_PREFIXES = ("encoder_q.", "backbone.")
+
+
 def clean_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Strip the ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add."""
+    """Strip the ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add; when the
+    keys hold an encoder under ``encoder_q.`` or ``backbone.``, keep that encoder alone."""
     out = {}
     for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
+        for prefix in WRAPPER_PREFIXES:
             while key.startswith(prefix):
                 key = key[len(prefix) :]
         out[key] = value
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix) for k in out):
+            return {k[len(prefix) :]: v for k, v in out.items() if k.startswith(prefix)}
     return out
 
 
+def adapt_first_conv(weight: Tensor, in_channels: int) -> Tensor:
+    """RGB filters (``O x 3 x k x k``) for ``in_channels`` bands, by the rule timm and
+    torchgeo use: summed for one band; otherwise repeated over the bands and scaled by
+    3 / bands, which keeps the size of the first activations (exactly, for a grey input and a
+    multiple of 3 bands)."""
+    if weight.shape[1] == in_channels:
+        return weight
+    if weight.shape[1] != 3:
+        raise ValueError(
+            f"the first convolution has {weight.shape[1]} input bands, the model {in_channels};"
+            " only RGB (3-band) weights are adapted"
+        )
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    repeats = math.ceil(in_channels / 3)
+    return weight.repeat(1, repeats, 1, 1)[:, :in_channels] * (3 / in_channels)
+
+
 def load_backbone(model: ResNet, state: dict[str, Tensor]) -> list[str]:
-    """Load ``state`` into ``model``; a classifier of another shape is re-initialised.
+    """Load ``state`` into ``model``; the classifier is re-initialised when the state has none
+    or one of another shape (or another head, such as a self-supervised projection), and RGB
+    first-convolution weights are adapted to the model's bands (:func:`adapt_first_conv`).
 
     Returns the names of the keys that were not taken from ``state`` (empty when the
     checkpoint matched exactly). Any other mismatch raises, as ``strict=True`` would.
     """
     state = clean_state_dict(state)
     own = model.state_dict()
-    skipped = [k for k in ("fc.weight", "fc.bias") if k in state and state[k].shape != own[k].shape]
-    if not skipped:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"weights do not fit {type(model).__name__}: {str(e)[:300]}") from None
-        return []
-    state = {k: v for k, v in state.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != set(skipped):
+    conv = state.get("conv1.weight")
+    if conv is not None and conv.shape[1] != own["conv1.weight"].shape[1]:
+        state["conv1.weight"] = adapt_first_conv(conv, own["conv1.weight"].shape[1])
+    reinit = [
+        k for k in ("fc.weight", "fc.bias") if k not in state or state[k].shape != own[k].shape
+    ]
+    # A head that is not this classifier (another size, or an MLP's fc.0/fc.2) is left out.
+    state = {k: v for k, v in state.items() if not (k.startswith("fc.") and reinit)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ beyond the classifier and the first conv
+        raise ValueError(f"weights do not fit {type(model).__name__}: {str(e)[:300]}") from None
+    if unexpected or set(missing) != set(reinit):
         raise ValueError(
-            f"weights do not fit {type(model).__name__}: missing {sorted(set(missing) - set(skipped))},"
+            f"weights do not fit {type(model).__name__}: missing {sorted(set(missing) - set(reinit))},"
             f" unexpected {sorted(unexpected)}"
         )
-    model.fc.reset_parameters()
-    return skipped
+    if reinit:
+        model.fc.reset_parameters()
+    return reinit
 
 
 def from_weights(
@@ -107,7 +142,12 @@ def load_pretrained(arch: str) -> dict[str, Tensor]:
 def model_from_checkpoint(ckpt: Checkpoint) -> ResNet:
     """The model a checkpoint describes, with its weights loaded, in eval mode."""
     try:
-        model = create_model(ckpt.arch, num_classes=len(ckpt.class_names), variant=ckpt.variant)
+        model = create_model(
+            ckpt.arch,
+            num_classes=len(ckpt.class_names),
+            variant=ckpt.variant,
+            in_channels=ckpt.preprocess.channels,
+        )
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"checkpoint describes no model rsscene can build: {e}") from None
     try:

@@ -4,7 +4,9 @@
                    ``{"images": [base64, ...]}`` / ``{"image": base64}``; answers
                    ``{"predictions": [{"file": name, "top": [{"class", "probability"}]}]}``
 ``POST /cam``      one image, the same ways; a Grad-CAM overlay PNG (``?format=json``: base64
-                   in JSON; ``?class=NAME``: explain that class instead of the predicted one)
+                   in JSON, with the image as drawn under the overlay; ``?class=NAME``:
+                   explain that class instead of the predicted one; ``?show=R,G,B``: a
+                   multi-band model's bands drawn as red, green, blue)
 ``POST /map``      one scene, the same ways, mapped tile by tile (``rsscene map``): the summary
                    and the overlay PNG as base64 in JSON (``?format=png``: the PNG alone;
                    ``?tile=PX&stride=PX`` as the command's)
@@ -33,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import tempfile
@@ -54,9 +57,10 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
+from rsscene.data.bands import Preprocess, render_rgb
 from rsscene.data.images import ImageError, image_size
 from rsscene.errors import UserError
-from rsscene.explain import class_index, explain, overlay_png
+from rsscene.explain import class_index, explain, image_png, overlay_png
 from rsscene.inference import Prediction, Predictor
 from rsscene.mapping import map_scene
 
@@ -314,6 +318,20 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
     return items
 
 
+def shown_as(pre: Preprocess, show: str | None) -> Preprocess:
+    """The checkpoint's preprocessing with ``show`` (``R,G,B``, 1-based) as the bands drawn, or
+    a :class:`UserError` when they are not three of the model's bands."""
+    if not show:
+        return pre
+    try:
+        display = [int(b) for b in show.split(",")]
+    except ValueError:
+        raise UserError(f"show={show}: expected three 1-based band indexes R,G,B") from None
+    pre = dataclasses.replace(pre, display=display)
+    pre.display_bands()
+    return pre
+
+
 def create_app(
     ckpt_path: str | Path,
     *,
@@ -405,11 +423,14 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        pre = predictor.pre
         return {
             "status": "ok",
             "arch": predictor.arch,
             "classes": len(predictor.classes),
             "input_size": predictor.size,
+            # Multi-band models only: an RGB model's answer stays as it was.
+            **({"bands": pre.bands, "band_names": pre.band_names} if pre.bands else {}),
         }
 
     @app.get("/classes")
@@ -436,25 +457,29 @@ def create_app(
         request: Request,
         class_name: str | None = Query(None, alias="class"),
         format: Literal["png", "json"] = "png",
+        show: str | None = None,
     ) -> Response | dict[str, Any]:
         try:
             class_idx = class_index(predictor.classes, class_name)
+            pre = shown_as(predictor.pre, show)
         except UserError as e:
             raise ApiError(422, str(e)) from None
         items = await read_images(request, 1)
         (image,) = await decode(items)
 
-        def run() -> tuple[bytes, int, float]:
+        def run() -> tuple[bytes, bytes, int, float]:
             heat, idx, probs = explain(predictor, image, class_idx)
-            return overlay_png(image, heat), idx, float(probs[idx])
+            shown = render_rgb(image, pre)
+            return overlay_png(shown, heat), image_png(shown), idx, float(probs[idx])
 
-        png, idx, prob = await worker.call(run)
+        png, shown, idx, prob = await worker.call(run)
         if format == "json":
             return {
                 "file": items[0][0],
                 "class": predictor.classes[idx],
                 "probability": round(prob, 6),
                 "png": base64.b64encode(png).decode(),
+                "image": base64.b64encode(shown).decode(),
             }
         return Response(png, media_type="image/png")
 

@@ -1,0 +1,199 @@
+"""Bands as data: which bands of a file a model reads, their statistics, and the
+:class:`Preprocess` record that turns file pixels into the model's input.
+
+A checkpoint records its :class:`Preprocess`: the bands (1-based, in the model's order),
+how many bands its files have, their dtype, names, per-band mean/std and the input size.
+Every consumer (evaluate, predict, cam, export, serve, map) feeds the model through it:
+:meth:`Preprocess.load` for a file, :meth:`Preprocess.to_input` for an array already read,
+:meth:`Preprocess.input` for a batch of loaded images. RGB with ImageNet statistics is the
+default record: 8-bit RGB decoding (``bands`` None), scale 255, ImageNet mean/std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from rsscene.data.images import BAND_DTYPES, BandPick, Raster, load_tensor
+from rsscene.data.transforms import MEAN, STD, eval_batch
+from rsscene.errors import UserError
+
+# Each dtype's values are divided by this before standardising: 8-bit to 0..1 as for RGB,
+# integers by their largest value, floats (reflectance, radiance) as they are.
+SCALES = {"uint8": 255.0, "uint16": 65535.0, "int16": 32767.0, "float32": 1.0}
+# Per-band display stretch: these percentiles of each band map to black and white.
+STRETCH = (2.0, 98.0)
+
+
+def parse_band_spec(text: str) -> str:
+    """``all``, 1-based indexes (``4,3,2``) or band names (``B04,B03,B02``), checked and
+    normalised; a ``--bands`` value (argparse type)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError("--bands: expected all, 1-based indexes such as 4,3,2, or band names")
+    if parts == ["all"]:
+        return "all"
+    if all(p.lstrip("-").isdigit() for p in parts):
+        bad = [p for p in parts if int(p) < 1]
+        if bad:
+            raise ValueError(f"--bands {text}: band indexes start at 1 (got {', '.join(bad)})")
+    if len({p.lower() for p in parts}) != len(parts):
+        raise ValueError(f"--bands {text}: a band is named twice")
+    return ",".join(parts)
+
+
+def resolve_bands(spec: str, raster: Raster, label: str) -> tuple[BandPick, list[str]]:
+    """The bands ``spec`` selects in files like ``raster`` (read from ``label``), and their
+    names (the file's descriptions, else ``band N``)."""
+    count = raster.array.shape[0]
+    dtype = raster.array.dtype.name
+    if dtype not in BAND_DTYPES:
+        raise UserError(f"{label}: sample type {dtype} is not supported")
+    names = raster.names or [f"band {i}" for i in range(1, count + 1)]
+    parts = spec.split(",")
+    if spec == "all":
+        indexes = list(range(1, count + 1))
+    elif all(p.isdigit() for p in parts):
+        indexes = [int(p) for p in parts]
+        over = [i for i in indexes if i > count]
+        if over:
+            raise UserError(
+                f"--bands {spec}: band {over[0]} does not exist: {label} has {count} band"
+                f"{'s' if count != 1 else ''} (1..{count})"
+            )
+    else:
+        if not raster.names:
+            raise UserError(
+                f"--bands {spec}: {label} carries no band descriptions; give 1-based indexes"
+                f" such as 4,3,2 (it has {count} bands)"
+            )
+        lower = [n.lower() for n in raster.names]
+        missing = [p for p in parts if p.lower() not in lower]
+        if missing:
+            raise UserError(
+                f"--bands {spec}: {label} has no band named {missing[0]!r}; its bands are"
+                f" {', '.join(raster.names)}"
+            )
+        indexes = [lower.index(p.lower()) + 1 for p in parts]
+    return BandPick(tuple(indexes), count, dtype), [names[i - 1] for i in indexes]
+
+
+def band_stats(batches: Iterable[Tensor], scale: float) -> tuple[list[float], list[float]]:
+    """Per-band mean and standard deviation of ``B x C x H x W`` batches divided by ``scale``.
+
+    Sums are taken in float64, so 16-bit values over many images lose nothing; a constant
+    band gets a standard deviation of 1 (it standardises to 0 rather than dividing by 0).
+    """
+    total = total_sq = None
+    n = 0
+    for x in batches:
+        v = x.double().div_(scale).transpose(0, 1).reshape(x.shape[1], -1)
+        s, sq = v.sum(1), (v * v).sum(1)
+        total = s if total is None else total + s
+        total_sq = sq if total_sq is None else total_sq + sq
+        n += v.shape[1]
+    if not n:
+        raise UserError("no training image to compute the band statistics from")
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_(min=0).sqrt_()
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return mean.tolist(), std.tolist()
+
+
+@dataclass
+class Preprocess:
+    """How images are fed to the model: the bands read from each file (``bands``, 1-based;
+    None: every file decoded as 8-bit RGB), resized to ``size``, divided by the dtype's
+    :data:`SCALES`, then standardised by ``mean``/``std`` (None: not standardised)."""
+
+    size: int = 224
+    mean: list[float] | None = field(default_factory=lambda: list(MEAN))
+    std: list[float] | None = field(default_factory=lambda: list(STD))
+    bands: list[int] | None = None
+    band_count: int | None = None
+    band_names: list[str] | None = None
+    dtype: str = "uint8"
+    # The three bands (1-based file indexes, among ``bands``) an image is shown with.
+    display: list[int] | None = None
+    # The training images' typical side before resizing: the window `rsscene map` cuts.
+    source_size: int | None = None
+
+    @property
+    def normalize(self) -> bool:
+        return self.mean is not None
+
+    @property
+    def channels(self) -> int:
+        return len(self.bands) if self.bands else 3
+
+    @property
+    def scale(self) -> float:
+        return SCALES[self.dtype]
+
+    @property
+    def standardise(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~rsscene.data.transforms.eval_batch` (and of
+        evaluation's ``predict``) that standardise like this record."""
+        return {
+            "normalize": self.normalize,
+            "mean": self.mean,
+            "std": self.std,
+            "scale": self.scale,
+        }
+
+    @property
+    def pick(self) -> BandPick | None:
+        """What :func:`~rsscene.data.images.load_tensor` reads (None: 8-bit RGB)."""
+        if self.bands is None:
+            return None
+        return BandPick(tuple(self.bands), int(self.band_count or max(self.bands)), self.dtype)
+
+    def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:
+        """One file's bands at the model size, ``C x size x size`` in the data's dtype."""
+        return load_tensor(source, self.size, self.pick, name=name)
+
+    def input(self, images: Tensor) -> Tensor:
+        """Loaded images ``B x C x H x W`` (the data's dtype) → the model's float input."""
+        return eval_batch(images, self.size, self.normalize, self.mean, self.std, self.scale)
+
+    def to_input(self, array: np.ndarray | Tensor, label: str = "<array>") -> Tensor:
+        """An image already read (``C x H x W`` in the file's dtype, every band of the file,
+        e.g. a tile of a scene) → the model's input ``1 x C' x size x size``."""
+        array = array.numpy() if isinstance(array, Tensor) else np.asarray(array)
+        pick = self.pick
+        if pick is not None:
+            array = pick.take(Raster(array), label)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+        return self.input(x[None])
+
+    def display_bands(self) -> list[int]:
+        """Positions (0-based, in the model's input) of the bands shown as red, green, blue."""
+        if self.bands is None:
+            return [0, 1, 2]
+        chosen = self.display or self.bands[:3]
+        missing = [b for b in chosen if b not in self.bands]
+        if missing or len(chosen) != 3:
+            raise UserError(
+                f"show bands {','.join(map(str, chosen))}: give three of the model's bands"
+                f" ({','.join(map(str, self.bands))})"
+            )
+        return [self.bands.index(b) for b in chosen]
+
+
+def render_rgb(image: Tensor, pre: Preprocess) -> Tensor:
+    """A loaded image (``C x H x W``, the data's dtype) as 8-bit RGB for display: RGB as it
+    is; other bands as the chosen triple, each stretched between its 2nd and 98th percentile."""
+    if pre.bands is None:
+        return image
+    x = image[pre.display_bands()].float()
+    flat = x.reshape(3, -1)
+    lo = torch.quantile(flat, STRETCH[0] / 100, dim=1).view(3, 1, 1)
+    hi = torch.quantile(flat, STRETCH[1] / 100, dim=1).view(3, 1, 1)
+    x = (x - lo) / (hi - lo).clamp(min=1e-12)
+    return x.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
