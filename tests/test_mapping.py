@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from conftest import shared_data
+from rsscene import checkpoint
+from rsscene.checkpoint import Checkpoint, Preprocess
 from rsscene.cli import main
 from rsscene.data.synthetic import CLASSES, generate_mosaic
 from rsscene.inference import Predictor
 from rsscene.mapping import map_scene, open_scene
 from rsscene.mapping.tiling import make_grid, predict_scene
+from rsscene.models import create_model
 from test_images import tiny_checkpoint
 
 rasterio = pytest.importorskip("rasterio", reason="GeoTIFF maps need the geo extra (rasterio)")
@@ -30,6 +33,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return tiny_checkpoint(tmp_path_factory.mktemp("map") / "model.pt", classes=list(CLASSES))
+
+
+def band_model(path: Path, bands: list[int], count: int, dtype: str) -> Path:
+    """A random-init model that reads ``bands`` of ``count``-band ``dtype`` files at 32 px."""
+    torch.manual_seed(0)
+    weights = create_model("resnet18", num_classes=len(CLASSES), in_channels=len(bands))
+    pre = Preprocess(32, [0.3] * len(bands), [0.2] * len(bands), bands, count, dtype=dtype)
+    record = Checkpoint(weights.state_dict(), "resnet18", list(CLASSES), preprocess=pre)
+    return checkpoint.save(record, path)
 
 
 def geotiff(path: Path, pixels: np.ndarray, crs: str | None = "EPSG:32633", nodata=None) -> Path:
@@ -66,6 +78,8 @@ def cells(out: Path) -> list[dict]:
 )
 def test_real_scenes_map_onto_their_own_grid(name: str, tile: int, model: Path, tmp_path: Path):
     scene = shared_data("scenes") / name
+    if name.startswith("naip"):  # red, green, blue, near-infrared: a 4-band model reads them
+        model = band_model(tmp_path / "rgbn.pt", [1, 2, 3, 4], 4, "uint8")
     out = tmp_path / "map"
     assert main(["map", str(model), str(scene), "--out", str(out), "--tile", str(tile)]) == 0
     with rasterio.open(scene) as src, rasterio.open(out / "classes.tif") as classes:
@@ -128,7 +142,7 @@ def test_overlapping_windows_average_their_probabilities(model: Path, tmp_path: 
 
 
 def test_nodata_windows_are_skipped_and_marked(model: Path, tmp_path: Path) -> None:
-    pixels = np.full((4, 64, 96), 120, dtype=np.uint16)
+    pixels = np.full((3, 64, 96), 120, dtype=np.uint16)
     pixels[:, :, :32] = 0  # the left third is nodata
     path = geotiff(tmp_path / "s.tif", pixels, nodata=0)
     out = tmp_path / "out"
@@ -139,6 +153,29 @@ def test_nodata_windows_are_skipped_and_marked(model: Path, tmp_path: Path) -> N
     summary = json.loads((out / "summary.json").read_text())
     assert summary["windows_skipped_nodata"] == 2 and summary["area_unit"] == "km²"
     assert summary["cell_area"] == pytest.approx(320 * 320 / 1e6)
+
+
+def test_a_band_model_maps_its_bands_and_refuses_other_scenes(
+    model: Path, tmp_path: Path, capsys
+) -> None:
+    rng = np.random.default_rng(0)
+    scene13 = geotiff(tmp_path / "s13.tif", rng.integers(0, 4000, (13, 64, 64), dtype=np.uint16))
+    model13 = band_model(tmp_path / "m13.pt", [4, 3, 2, 8], 13, "uint16")
+    out = tmp_path / "out"
+    assert main(["map", str(model13), str(scene13), "--out", str(out), "--tile", "32"]) == 0
+    # The same window through predict's path for a file: the same class.
+    window = tmp_path / "window.tif"
+    geotiff(window, rasterio.open(scene13).read(window=Window(32, 0, 32, 32)))
+    (prediction,), _ = Predictor(model13).predict_files([window], topk=1)
+    assert cells(out)[1]["class"] == prediction.top[0][0]
+    capsys.readouterr()
+    rgb = geotiff(tmp_path / "s3.tif", rng.integers(0, 255, (3, 64, 64), dtype=np.uint8))
+    assert main(["map", str(model13), str(rgb), "--out", str(out), "--tile", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "has 3 bands, but the model was trained on files with 13" in err
+    assert main(["map", str(model), str(scene13), "--out", str(out), "--tile", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "has 13 bands, but the model reads 8-bit RGB" in err and len(err.splitlines()) == 1
 
 
 def test_tile_in_metres_and_geojson_in_the_scenes_crs(model: Path, tmp_path: Path) -> None:

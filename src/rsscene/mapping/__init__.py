@@ -17,7 +17,7 @@ from typing import Any
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping import outputs
-from rsscene.mapping.scenes import Scene, open_scene
+from rsscene.mapping.scenes import Scene, check_bands, open_scene
 from rsscene.mapping.tiling import MapResult, make_grid, predict_scene
 
 __all__ = ["MapResult", "Scene", "default_tile", "map_scene", "open_scene", "tile_accuracy"]
@@ -74,6 +74,7 @@ def map_scene(
     """Map ``scene_path`` with ``predictor``'s model into ``out``; returns the summary."""
     scene = open_scene(scene_path, max_pixels)
     try:
+        check_bands(scene, predictor.pre)
         grid = make_grid(scene, tile or default_tile(predictor, scene, tile_m), stride)
         result = predict_scene(predictor, scene, grid, batch_size, tta, progress)
         out = Path(out)
@@ -87,7 +88,7 @@ def map_scene(
             files.append(outputs.write_probabilities(out, scene, result))
         files.append(outputs.write_cells(out, scene, result, tiles))
         title = f"{scene.path.name}: {predictor.arch}, {grid.tile} px tiles every {grid.stride} px"
-        files.append(outputs.write_overlay(out, scene, result, title))
+        files.append(outputs.write_overlay(out, scene, result, title, predictor.pre))
         summary["files"] = [str(p) for p in files]
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

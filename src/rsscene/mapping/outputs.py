@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from rsscene.data.bands import Preprocess
 from rsscene.mapping.scenes import Scene, as_rgb8
 from rsscene.mapping.tiling import NODATA_CLASS, MapResult
 
@@ -106,16 +107,21 @@ def write_probabilities(out: Path, scene: Scene, result: MapResult) -> Path:
     return path
 
 
-def write_overlay(out: Path, scene: Scene, result: MapResult, title: str) -> Path:
-    """``overlay.png``: the scene (contrast-stretched for display) with its cells coloured by
-    class, and a legend."""
+def write_overlay(
+    out: Path, scene: Scene, result: MapResult, title: str, pre: Preprocess | None = None
+) -> Path:
+    """``overlay.png``: the scene (its display bands for a multi-band model, contrast-stretched)
+    with its cells coloured by class, and a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    preview = Image.fromarray(as_rgb8(_stretched(scene.preview(PREVIEW_SIDE))).transpose(1, 2, 0))
+    pixels = scene.preview(PREVIEW_SIDE)
+    if pre is not None and pre.bands is not None:
+        pixels = pixels[[b - 1 for b in pre.display or pre.bands[:3]]]
+    preview = Image.fromarray(as_rgb8(_stretched(pixels)).transpose(1, 2, 0))
     w, h = preview.size
     class_map, grid = result.class_map, result.grid
     colours = np.array([*palette(len(result.classes)), (0, 0, 0)], dtype=np.uint8)

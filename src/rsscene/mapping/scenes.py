@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from rsscene.data.images import ImageError, open_image
+from rsscene.data.bands import Preprocess
+from rsscene.data.images import ImageError, Raster, read_image, resize_bands
 
 MAX_DECODED_PIXELS = int(os.environ.get("RSSCENE_MAP_MAX_PIXELS", 250_000_000))
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
@@ -27,6 +29,7 @@ class Scene:
     height: int
     count: int
     dtype: str
+    alpha: int = 0  # how many of the bands are transparency (GDAL's colour interpretation)
     crs: Any = None  # a rasterio CRS, or None without georeference
     transform: Any = None  # an affine.Affine from pixel (col, row) to map (x, y)
     _raster: Any = field(default=None, repr=False)
@@ -86,9 +89,10 @@ def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
                     f" pixels > {max_pixels:,})",
                 )
             return scene
-    img = open_image(path, max_pixels=min(max_pixels or MAX_DECODED_PIXELS, MAX_DECODED_PIXELS))
-    pixels = np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-    return Scene(path, img.width, img.height, 3, "uint8", _pixels=pixels)
+    limit = min(max_pixels or MAX_DECODED_PIXELS, MAX_DECODED_PIXELS)
+    pixels = read_image(path, max_pixels=limit).array
+    count, height, width = pixels.shape
+    return Scene(path, width, height, count, pixels.dtype.name, _pixels=pixels)
 
 
 def _open_raster(path: Path, rasterio: Any) -> Scene:
@@ -106,17 +110,44 @@ def _open_raster(path: Path, rasterio: Any) -> Scene:
         src.height,
         src.count,
         src.dtypes[0],
+        alpha=sum(ci.name == "alpha" for ci in src.colorinterp),
         crs=src.crs if georeferenced else None,
         transform=src.transform if georeferenced else None,
         _raster=src,
     )
 
 
+def check_bands(scene: Scene, pre: Preprocess) -> None:
+    """Refuse, before any window is read, a scene whose bands the model cannot read as it was
+    trained: another band count or dtype, or colour bands an RGB model would drop."""
+    label = str(scene.path)
+    if pre.pick is not None:
+        pre.pick.take(Raster(np.zeros((scene.count, 1, 1), dtype=scene.dtype)), label)
+    elif scene.count - scene.alpha > 3:
+        raise ImageError(
+            label,
+            f"has {scene.count - scene.alpha} bands, but the model reads 8-bit RGB (3 bands);"
+            " a model trained with --bands maps multi-band scenes",
+        )
+
+
+def window_image(pixels: np.ndarray, pre: Preprocess, label: str) -> torch.Tensor:
+    """A window as the model reads a file: its bands (8-bit RGB for an RGB model) at the
+    model's size, in the data's dtype; non-finite values become the band's training mean."""
+    if pre.pick is None:
+        return resize_bands(torch.from_numpy(np.ascontiguousarray(as_rgb8(pixels))), pre.size)
+    bands = pre.pick.take(Raster(pixels), label)
+    if bands.dtype.kind == "f" and not np.isfinite(bands).all():
+        fill = np.asarray(pre.mean or [0.0] * len(bands), dtype=bands.dtype) * pre.scale
+        bands = np.where(np.isfinite(bands), bands, fill[:, None, None])
+    return resize_bands(torch.from_numpy(np.ascontiguousarray(bands)), pre.size)
+
+
 def as_rgb8(pixels: np.ndarray) -> np.ndarray:
     """A window ``C x h x w`` of any dtype as the 3-band uint8 image an RGB model takes, by the
     rules :func:`rsscene.data.images.open_image` applies to whole files: one band is repeated,
-    16-bit values are scaled from 0..65535, floats by their maximum; a fourth band and beyond
-    (near-infrared, alpha) are left out."""
+    16-bit values are scaled from 0..65535, floats by their maximum; bands after the third
+    (transparency, by :func:`check_bands`) are left out."""
     if pixels.shape[0] < 3:
         pixels = np.repeat(pixels[:1], 3, axis=0)
     pixels = pixels[:3]

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from rsscene.data.bands import Preprocess
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
-from rsscene.mapping.scenes import Scene, as_rgb8
+from rsscene.mapping.scenes import Scene, window_image
 
 # Cells x classes of the probability sums held in memory (float32: 400 MB).
 MAX_CELL_VALUES = 100_000_000
@@ -102,24 +102,18 @@ class MapResult:
 
 
 def _read_batch(
-    scene: Scene, grid: Grid, cells: list[tuple[int, int]], size: int
-) -> tuple[torch.Tensor, list[tuple[int, int]], int]:
-    """The batch's readable windows as uint8 ``B x 3 x size x size``, their cells, and how
-    many were skipped as nodata."""
+    scene: Scene, grid: Grid, cells: list[tuple[int, int]], pre: Preprocess
+) -> tuple[list[torch.Tensor], list[tuple[int, int]], int]:
+    """The batch's windows that are not mostly nodata, as the model reads them, their cells,
+    and how many were skipped."""
     images, kept = [], []
     for i, j in cells:
         pixels, valid = scene.read(j * grid.stride, i * grid.stride, grid.tile, grid.tile)
         if 1.0 - valid.mean() > MAX_NODATA_SHARE:
             continue
-        images.append(torch.from_numpy(np.ascontiguousarray(as_rgb8(pixels))))
+        images.append(window_image(pixels, pre, str(scene.path)))
         kept.append((i, j))
-    if not images:
-        return torch.empty(0, 3, size, size, dtype=torch.uint8), kept, len(cells)
-    batch = torch.stack(images)
-    if grid.tile != size:
-        # The same antialiased resize as every other pipeline (load_tensor).
-        batch = TF.resize(batch, [size, size], antialias=True)
-    return batch, kept, len(cells) - len(kept)
+    return images, kept, len(cells) - len(kept)
 
 
 def predict_scene(
@@ -147,13 +141,13 @@ def predict_scene(
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     bar = tqdm(total=len(order), unit="tile", disable=not progress, desc="map")
     with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.size)
+        pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.pre)
         for n in range(len(batches)):
             images, kept, skipped = pending.result()
             if n + 1 < len(batches):
-                pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.size)
+                pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
             if len(kept):
-                probs = predictor.probabilities(list(images), tta=tta).numpy()
+                probs = predictor.probabilities(images, tta=tta).numpy()
                 span = grid.span
                 for (i, j), p in zip(kept, probs, strict=True):
                     result.prob_sum[i : i + span, j : j + span] += p
