@@ -289,7 +289,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{'macro':<{width}}  {macro['precision']:9.3f}  {macro['recall']:6.3f}"
         f"  {macro['f1']:5.3f}  {report['images']:7d}"
     )
-    line = f"accuracy {report['accuracy']:.4f}  top5 {report['top5']:.4f}"
+    line = (
+        f"OA {report['accuracy']:.4f}  AA {report['average_accuracy']:.4f}"
+        f"  kappa {report['kappa']:.4f}  macro-F1 {macro['f1']:.4f}  top5 {report['top5']:.4f}"
+    )
     if "tta_accuracy" in report:
         line += f"  tta_accuracy {report['tta_accuracy']:.4f}"
     print(f"{line}  ({report['images']} images; skipped {len(report['skipped'])})")
