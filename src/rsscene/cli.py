@@ -77,7 +77,19 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-per-class", type=positive_int, metavar="N", help="exact val count")
     p.add_argument("--test-ratio", type=ratio, metavar="R", help="test share (default 0.1)")
     p.add_argument(
+        "--train-ratio",
+        type=ratio,
+        metavar="R",
+        help="train share of each class, the rest tests (the papers' training ratio)",
+    )
+    p.add_argument(
         "--val-ratio", type=ratio, default=0.0, metavar="R", help="val share (default 0)"
+    )
+    p.add_argument(
+        "--split-file",
+        metavar="FILE",
+        help="reproduce a published split: lines 'PART FILE' (train/val/test, CLASS/name or"
+        " name), or an rsscene split.json",
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--mode", choices=["copy", "hardlink", "symlink"], default="copy")
@@ -98,8 +110,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         train_per_class=args.train_per_class,
         test_per_class=args.test_per_class,
         val_per_class=args.val_per_class,
-        test_ratio=0.1 if args.test_ratio is None else args.test_ratio,
+        test_ratio=args.test_ratio,
         val_ratio=args.val_ratio,
+        train_ratio=args.train_ratio,
+        split_file=args.split_file,
         seed=args.seed,
         mode=args.mode,
         force=args.force,
