@@ -32,6 +32,8 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CACHE_MODES = ("auto", "memory", "disk", "none")
+LOGGERS = ("csv", "tensorboard", "mlflow")
+SAMPLERS = ("uniform", "balanced")
 
 # Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
 # linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
@@ -150,6 +152,12 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm under torchrun")
     strict: bool = setting(False, "fail on any unreadable image")
     out: str | None = setting(help="run folder (default runs/ARCH-TIMESTAMP)", metavar="DIR")
+    log: str = setting(
+        "csv",
+        "metrics.csv only, or also tensorboard (RUN/tensorboard) or mlflow"
+        " (MLFLOW_TRACKING_URI, default ./mlruns)",
+        choices=LOGGERS,
+    )
     tutorial: bool = setting(
         False, "the tutorial's recipe: Resize 224, flip, Adam 5e-4, batch 32, 30 epochs, float32"
     )
@@ -281,6 +289,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("amp", cfg.amp, AMP_MODES)
     _choice("cache", cfg.cache, CACHE_MODES)
+    _choice("log", cfg.log, LOGGERS)
     for name in ("epochs", "batch_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
