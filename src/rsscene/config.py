@@ -120,6 +120,17 @@ class TrainConfig:
     schedule: str = setting("onecycle", "learning-rate schedule", choices=SCHEDULES)
     warmup_epochs: float = setting(2.0, "linear warm-up, in epochs")
     label_smoothing: float = setting(0.1, "label smoothing")
+    class_weights: str = setting(
+        "none",
+        "loss weight per class: none, balanced (inverse class frequency) or a YAML/JSON FILE"
+        " mapping each class to its weight",
+        metavar="none|balanced|FILE",
+    )
+    sampler: str = setting(
+        "uniform",
+        "uniform: each training image once an epoch; balanced: draw every class equally often",
+        choices=SAMPLERS,
+    )
     augment: str = setting(
         "dihedral", "flips/rotations: the 8 of the square, hflip or none", choices=AUGMENTS
     )
@@ -290,6 +301,11 @@ def validate(cfg: TrainConfig) -> None:
     _choice("amp", cfg.amp, AMP_MODES)
     _choice("cache", cfg.cache, CACHE_MODES)
     _choice("log", cfg.log, LOGGERS)
+    _choice("sampler", cfg.sampler, SAMPLERS)
+    if cfg.class_weights not in ("none", "balanced") and not Path(cfg.class_weights).is_file():
+        raise UserError(
+            f"--class-weights {cfg.class_weights}: no such file (give none, balanced or a FILE)"
+        )
     for name in ("epochs", "batch_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

@@ -103,6 +103,8 @@ class Trainer:
         self.fingerprint = runstate.data_fingerprint(self.classes, data.train.images)
         self.select = "val" if data.val is not None else "test"
         self.augment = recipe.make_augment(self.cfg)
+        weights = recipe.class_weights(self.cfg.class_weights, self.classes, data.train.labels)
+        self.loss_weights = None if weights is None else weights.to(self.device)
         self._wrap(model)
         self.optimizer = optimizer or recipe.make_optimizer(self.cfg, self.net)
         self.global_batch = self.cfg.batch_size * self.dist.world
@@ -284,6 +286,10 @@ class Trainer:
             "world_size": self.dist.world,
             "effective_batch": self.global_batch,
         }
+        if self.loss_weights is not None:
+            config["class_weight_values"] = dict(
+                zip(self.classes, self.loss_weights.tolist(), strict=True)
+            )
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.log(
             f"{cfg.arch} ({cfg.variant}) on {self.device}"
@@ -357,6 +363,7 @@ class Trainer:
             epoch,
             self.dist.rank,
             self.dist.world,
+            labels=self.data.train.labels if self.cfg.sampler == "balanced" else None,
         )
 
     # ----------------------------------------------------------------------- an epoch
@@ -370,7 +377,10 @@ class Trainer:
         with autocast(self.device, self.amp):
             logits = self.forward(x)
             loss = F.cross_entropy(
-                logits.float(), target.to(self.device), label_smoothing=cfg.label_smoothing
+                logits.float(),
+                target.to(self.device),
+                weight=self.loss_weights,
+                label_smoothing=cfg.label_smoothing,
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
