@@ -3,27 +3,31 @@
     python benchmarks/recipe.py --data ../shared/data/aid5 --seeds 3
     python benchmarks/recipe.py --data ../shared/data/aid5 --ablation      # one row per part changed
     python benchmarks/recipe.py --data ../shared/data/aid5 --ablation sgd crop   # some parts
+    python benchmarks/recipe.py --data ../shared/data/aid5 --train-ratio 0.2 0.5 --seeds 3
 
-DATA may be a raw one-folder-per-class dataset (split here with ``--test-ratio 0.1
---seed 0``, as the README's figures are) or an already prepared split. Both recipes train
-from scratch on the same split, one after the other in this process, and the table gives
-final-epoch test accuracy (the honest number), wall time and their ratios.
+DATA may be a raw one-folder-per-class dataset or an already prepared split. Without
+``--train-ratio`` a raw dataset is split once here (``--test-ratio 0.1 --seed 0``, as the
+README's first figures are) and the seeds vary the training only. With ``--train-ratio`` every
+seed splits the raw dataset again at that training ratio: the papers' protocol, one row per
+recipe and ratio. Each recipe's repeats are an ``rsscene bench`` (:func:`rsscene.bench.run_bench`)
+in the work folder, so with ``--workdir`` an interrupted benchmark continues where it stopped.
+All recipes train from scratch, one after the other in this process; the table gives the
+final-epoch test accuracy (OA, the honest number) with AA, kappa and macro-F1, wall time and
+the ratios to the tutorial's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from rsscene.bench import run_bench, summarize
 from rsscene.config import build
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import generate
-from rsscene.engine.train import Trainer
 
 # Each row changes one part of the default recipe: switches it off, back to the tutorial's
 # choice, or (crop) to the candidate that the default left out.
@@ -40,32 +44,47 @@ ABLATIONS = {
 }
 
 
-def split_dataset(data: Path | None, workdir: Path) -> Path:
-    if data is None:
-        raw = workdir / "scenes"
+def raw_dataset(data: Path | None, workdir: Path) -> Path:
+    """DATA, or built-in scenes drawn into the work folder."""
+    if data is not None:
+        return data
+    raw = workdir / "scenes"
+    if not raw.is_dir():
         generate(raw, per_class=30, size=64, seed=0)
-        data = raw
+    return raw
+
+
+def split_once(data: Path, workdir: Path) -> Path:
+    """DATA if it is a split, else its split with --test-ratio 0.1 --seed 0 (kept in the work
+    folder, so that a continued benchmark reuses it)."""
     if (data / "train").is_dir():
         return data
     dst = workdir / "split"
-    prepare(data, dst, test_ratio=0.1, seed=0, mode="symlink")
+    if not (dst / "split.json").is_file():
+        prepare(data, dst, test_ratio=0.1, seed=0, mode="symlink", force=True)
     return dst
 
 
-def run_one(split: Path, out: Path, settings: dict, seed: int) -> dict:
-    cfg = build({"data": str(split), "seed": seed, "out": str(out), **settings})
-    started = time.perf_counter()
-    report = Trainer.from_config(cfg, log=lambda *_: None).fit()
-    return {
-        "accuracy": report["test_accuracy"],
-        "tta": report["test_accuracy_tta"],
-        "seconds": time.perf_counter() - started,
-    }
+def slug(name: str) -> str:
+    return name.split(" (")[0].replace(" ", "-").replace(",", "")
 
 
-def summary(runs: list[dict], key: str) -> tuple[float, float]:
-    values = [r[key] for r in runs]
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def table(results: dict[str, dict], base_name: str | None) -> list[str]:
+    """One Markdown row per recipe and split, as mean ± sd over its repeats."""
+    head = "| recipe | split | seeds | OA | AA | kappa | macro-F1 | TTA | wall time | time ratio |"
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for (name, split), runs in results.items():
+        s = summarize(runs)
+        base = results.get((base_name, split))
+        ratio = s["seconds"]["mean"] / summarize(base)["seconds"]["mean"] if base else None
+        pct = [f"{100 * s[k]['mean']:.1f} ± {100 * s[k]['std']:.1f}%" for k in ("oa", "aa")]
+        lines.append(
+            f"| {name} | {split} | {len(runs)} | {' | '.join(pct)}"
+            f" | {s['kappa']['mean']:.3f} ± {s['kappa']['std']:.3f}"
+            f" | {100 * s['macro_f1']['mean']:.1f}% | {100 * s['tta_oa']['mean']:.1f}%"
+            f" | {s['seconds']['mean'] / 60:.1f} min | {f'{ratio:.2f}' if ratio else '-'} |"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PART",
         help=f"add one row per part changed: all, or some of {', '.join(ABLATIONS)}",
     )
+    parser.add_argument(
+        "--train-ratio",
+        type=float,
+        nargs="+",
+        metavar="R",
+        help="the papers' protocol: split the raw DATA again per seed at each training ratio",
+    )
     parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--markdown", type=Path, help="write the table here too")
     parser.add_argument("--workdir", type=Path, help="keep runs here (default: a temp folder)")
     args = parser.parse_args(argv)
 
@@ -108,39 +135,32 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        split = split_dataset(args.data, workdir)
-        results: dict[str, list[dict]] = {}
+        data = raw_dataset(args.data, workdir)
+        if args.train_ratio:
+            splits = {f"train {r:.0%}, new split per seed": (data, r) for r in args.train_ratio}
+        else:
+            splits = {"test 10%, seed 0": (split_once(data, workdir), None)}
+        results: dict[tuple[str, str], list[dict]] = {}
         for name, settings in recipes.items():
             seeds = args.tutorial_seeds if settings.get("tutorial") else args.seeds
-            for seed in range(seeds):
-                slug = name.split(" (")[0].replace(" ", "-").replace(",", "")
-                result = run_one(split, workdir / f"{slug}-s{seed}", settings, seed)
-                results.setdefault(name, []).append(result)
-                print(
-                    f"{name} seed {seed}: accuracy {result['accuracy']:.4f}"
-                    f" (TTA {result['tta']:.4f}) in {result['seconds']:.0f}s",
-                    flush=True,
-                )
+            for label, (data, ratio) in splits.items():
+                out = workdir / slug(name) / (f"train-{ratio:g}" if ratio else "fixed-split")
+                record = run_bench(data, out, build(settings), repeats=seeds, train_ratio=ratio)
+                results[name, label] = record["repeats"]
 
-    base = results.get("tutorial (--tutorial)")
-    width = max(len(n) for n in results)
-    print(
-        f"\n{args.arch} on {args.data or 'built-in scenes'};"
-        " final-epoch test accuracy, mean ± sd over the seeds"
-    )
-    print(f"{'recipe':<{width}}  seeds  accuracy         TTA      time (s)  time ratio  acc. diff")
-    for name, runs in results.items():
-        acc, acc_sd = summary(runs, "accuracy")
-        tta, _ = summary(runs, "tta")
-        secs, _ = summary(runs, "seconds")
-        ratio = f"{secs / summary(base, 'seconds')[0]:.2f}" if base else "-"
-        diff = f"{100 * (acc - summary(base, 'accuracy')[0]):+.1f} pt" if base else "-"
-        print(
-            f"{name:<{width}}  {len(runs):>5}  {100 * acc:5.1f} ± {100 * acc_sd:3.1f}%  {100 * tta:5.1f}%"
-            f"  {secs:8.0f}  {ratio:>10}  {diff:>9}"
-        )
+    base = "tutorial (--tutorial)" if not args.skip_tutorial else None
+    lines = [
+        f"{args.arch} on {args.data or 'built-in scenes'}; final-epoch test metrics, mean ± sd"
+        " over the seeds",
+        "",
+        *table(results, base),
+    ]
+    print("\n" + "\n".join(lines))
+    if args.markdown:
+        args.markdown.write_text("\n".join(lines) + "\n")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        rows = [{"recipe": n, "split": s, "runs": runs} for (n, s), runs in results.items()]
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

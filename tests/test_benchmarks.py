@@ -1,4 +1,4 @@
-"""The throughput benchmark runs end to end at a tiny setting and prints its table."""
+"""The benchmarks run end to end at a tiny setting and print their tables."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
 
@@ -35,3 +37,21 @@ def test_throughput_tiny(tmp_path):
     assert rsscene["cache"] == "memory"
     assert rsscene["cache_shape"] == [10, 3, 32, 32]  # stored at the training size, no larger
     assert rsscene["cache_mib"] == 10 * 3 * 32 * 32 / 2**20
+
+
+@pytest.mark.slow
+def test_imbalance_benchmark_tiny(tmp_path):
+    out = tmp_path / "result.json"
+    argv = ["--epochs", "1", "--seeds", "1", "--img-size", "32", "--train-counts", "8", "4"]
+    argv += ["--test-per-class", "4", "--workdir", str(tmp_path), "--json", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "imbalance.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| --class-weights balanced |" in done.stdout
+    results = json.loads(out.read_text())
+    assert list(results) == ["none", "--class-weights balanced", "--sampler balanced"]
+    assert all(r[0]["images"] == {"train": 12, "test": 8} for r in results.values())

@@ -50,11 +50,16 @@ def rsscene(*argv: object, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.parametrize(
+    "imbalance",
+    [[], ["--sampler", "balanced", "--class-weights", "balanced"]],
+    ids=["uniform", "balanced-sampler-and-weights"],
+)
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
-    split: Path, tmp_path: Path, capsys
+    split: Path, tmp_path: Path, capsys, imbalance: list[str]
 ) -> None:
     # 35 training images in batches of 8: 4 steps an epoch.
-    flags = [*TINY, "--epochs", "2", "--deterministic", "--seed", "3"]
+    flags = [*TINY, "--epochs", "2", "--deterministic", "--seed", "3", *imbalance]
     stopped = rsscene("train", split, *flags, "--out", tmp_path / "stopped")
     log: list[str] = []
 
@@ -176,6 +181,8 @@ MISTAKES: dict[str, Callable[[dict[str, Path], Path, Path], list]] = {
     "train: --lr -1": lambda f, d, t: ["train", d, "--lr", "-1"],
     "train: --crop-scale 2": lambda f, d, t: ["train", d, "--crop-scale", "2"],
     "train: --device tpu": lambda f, d, t: ["train", d, "--device", "tpu"],
+    "train: --class-weights absent": lambda f, d, t: ["train", d, "--class-weights", t / "w"],
+    "train: --sampler odd": lambda f, d, t: ["train", d, "--sampler", "odd"],
     "predict: --topk abc": lambda f, d, t: ["predict", f["ckpt"], f["image"], "--topk", "abc"],
     "predict: --output x.txt": lambda f, d, t: ["predict", f["ckpt"], f["image"], "-o", "x.txt"],
     "evaluate: random file": lambda f, d, t: ["evaluate", f["random"], d],

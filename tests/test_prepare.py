@@ -93,6 +93,62 @@ def test_ratio_counts_and_val(raw, tmp_path):
     assert parts["test"] == _parts(tmp_path / "a")["test"]
 
 
+def test_train_ratio_is_the_papers_protocol(raw, tmp_path):
+    # 12 per class at a training ratio of 20%: round(2.4) = 2 train, the other 10 test.
+    r = prepare(raw, tmp_path / "a", train_ratio=0.2, seed=3)
+    assert r.counts == {c: {"train": 2, "test": 10} for c in CLASSES}
+    r = prepare(raw, tmp_path / "b", train_ratio=0.5, val_ratio=0.25, seed=3)
+    assert r.counts == {c: {"train": 6, "val": 3, "test": 3} for c in CLASSES}
+    _no_overlap(_parts(tmp_path / "b"))
+    # Another seed draws other training images.
+    prepare(raw, tmp_path / "c", train_ratio=0.2, seed=4)
+    assert _parts(tmp_path / "a")["train"] != _parts(tmp_path / "c")["train"]
+    with pytest.raises(UserError, match="--train-ratio cannot be combined"):
+        prepare(raw, tmp_path / "d", train_ratio=0.2, test_ratio=0.1)
+    with pytest.raises(UserError, match="must leave room for testing"):
+        prepare(raw, tmp_path / "d", train_ratio=0.8, val_ratio=0.2)
+
+
+def test_a_split_file_reproduces_a_published_split(raw, tmp_path):
+    listing = tmp_path / "published.txt"
+    listing.write_text(
+        "# part file\n"
+        "train bridge/bridge_000.jpg\n"
+        "train,forest_001.jpg\n"  # a bare name, as UC Merced's lists give them
+        "test  bridge/bridge_005.jpg\n"
+        "val forest/forest_002.jpg\n"
+        "test forest/forest_003.jpg\n"
+    )
+    r = prepare(raw, tmp_path / "a", split_file=listing)
+    assert r.classes == ["bridge", "forest"]
+    assert _parts(tmp_path / "a") == {
+        "train": {("bridge", "bridge_000.jpg"), ("forest", "forest_001.jpg")},
+        "val": {("forest", "forest_002.jpg")},
+        "test": {("bridge", "bridge_005.jpg"), ("forest", "forest_003.jpg")},
+    }
+    assert r.unused == {"bridge": 0, "forest": 0}
+    # An rsscene split.json is a split list too: the same parts again, file for file.
+    again = prepare(raw, tmp_path / "b", split_file=r.manifest_path)
+    assert _parts(tmp_path / "b") == _parts(tmp_path / "a") and again.counts == r.counts
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        ("train bridge/absent.jpg\ntest bridge/bridge_001.jpg\n", "not image files"),
+        ("train bridge/bridge_000.jpg\ntest bridge/bridge_000.jpg\n", "listed twice"),
+        ("training bridge/bridge_000.jpg\n", "published.txt:1: expected 'PART FILE'"),
+        ("train bridge/bridge_000.jpg\n", "lists no test files"),
+    ],
+)
+def test_a_bad_split_file_is_refused_in_one_line(raw, tmp_path, lines, error):
+    listing = tmp_path / "published.txt"
+    listing.write_text(lines)
+    with pytest.raises(UserError, match=error):
+        prepare(raw, tmp_path / "out", split_file=listing)
+    assert not (tmp_path / "out").exists()
+
+
 def test_deterministic_and_seeded(raw, tmp_path):
     a = prepare(raw, tmp_path / "a", train_per_class=8, test_per_class=3, seed=1)
     b = prepare(raw, tmp_path / "b", train_per_class=8, test_per_class=3, seed=1)

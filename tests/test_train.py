@@ -191,14 +191,22 @@ def test_recipe_benchmark_runs_in_a_tiny_setting(capsys, tmp_path: Path) -> None
     spec.loader.exec_module(module)
     results = tmp_path / "results.json"
     argv = ["--epochs", "1", "--img-size", "32", "--seeds", "2", "--ablation", "sgd"]
-    argv += ["--json", str(results)]
+    argv += ["--train-ratio", "0.5", "--json", str(results), "--workdir", str(tmp_path)]
     assert module.main(argv) == 0
     out = capsys.readouterr().out
-    assert "tutorial (--tutorial)" in out and "rsscene default" in out and "time ratio" in out
-    runs = json.loads(results.read_text())
+    assert "| tutorial (--tutorial) | train 50%, new split per seed | 1 |" in out
+    assert "| rsscene default | train 50%, new split per seed | 2 |" in out and "time ratio" in out
+    rows = {row["recipe"]: row["runs"] for row in json.loads(results.read_text())}
     # The tutorial's recipe costs several default runs, so it gets its own (smaller) seed count.
-    assert [len(runs["tutorial (--tutorial)"]), len(runs["rsscene default"])] == [1, 2]
-    assert len(runs["SGD (Nesterov) instead of AdamW"]) == 2
+    assert [len(rows["tutorial (--tutorial)"]), len(rows["rsscene default"])] == [1, 2]
+    assert len(rows["SGD (Nesterov) instead of AdamW"]) == 2
+    # Each seed of a recipe is a repeat of rsscene bench: a split of its own at the ratio.
+    default = rows["rsscene default"]
+    assert (
+        default[0]["images"] == {"train": 75, "test": 75}
+        and default[0]["split"] != default[1]["split"]
+    )
+    assert {"oa", "aa", "kappa", "macro_f1", "seconds"} <= set(default[0])
 
 
 def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: Path) -> None:

@@ -78,7 +78,19 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val-per-class", type=positive_int, metavar="N", help="exact val count")
     p.add_argument("--test-ratio", type=ratio, metavar="R", help="test share (default 0.1)")
     p.add_argument(
+        "--train-ratio",
+        type=ratio,
+        metavar="R",
+        help="train share of each class, the rest tests (the papers' training ratio)",
+    )
+    p.add_argument(
         "--val-ratio", type=ratio, default=0.0, metavar="R", help="val share (default 0)"
+    )
+    p.add_argument(
+        "--split-file",
+        metavar="FILE",
+        help="reproduce a published split: lines 'PART FILE' (train/val/test, CLASS/name or"
+        " name), or an rsscene split.json",
     )
     p.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     p.add_argument("--mode", choices=["copy", "hardlink", "symlink"], default="copy")
@@ -99,8 +111,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         train_per_class=args.train_per_class,
         test_per_class=args.test_per_class,
         val_per_class=args.val_per_class,
-        test_ratio=0.1 if args.test_ratio is None else args.test_ratio,
+        test_ratio=args.test_ratio,
         val_ratio=args.val_ratio,
+        train_ratio=args.train_ratio,
+        split_file=args.split_file,
         seed=args.seed,
         mode=args.mode,
         force=args.force,
@@ -173,16 +187,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 RUN_FLAGS = ("config", "resume", "auto_resume", "weights_only")
 
 
-def add_setting_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per :class:`TrainConfig` field, from its metadata: ``--batch-size`` for
-    ``batch_size``, ``--X/--no-X`` for booleans. Every default is None, so that only the flags
-    given override a ``--config`` file."""
+def add_setting_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    """One flag per :class:`TrainConfig` field (but those in ``exclude``), from its metadata:
+    ``--batch-size`` for ``batch_size``, ``--X/--no-X`` for booleans. Every default is None,
+    so that only the flags given override a ``--config`` file."""
     from dataclasses import MISSING, fields
 
     from rsscene.config import TrainConfig, setting_types
 
     kinds = setting_types()
     for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
         meta, kind = f.metadata, kinds[f.name]
         shown = "" if f.default in (None, MISSING) else f" (default: {f.default})"
         if isinstance(f.default, tuple):
@@ -261,6 +277,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="the papers' protocol: repeated random splits at a training ratio, mean ± std",
+        description="Split DATA again for each repeat (seed S+i: --train-ratio of each class"
+        " trains, the rest tests), train and evaluate each, and write OA, AA, kappa and"
+        " macro-F1 as mean ± std with wall times to DIR/bench.md and DIR/bench.json. Every"
+        " flag of rsscene train applies to each repeat. The same command again continues an"
+        " interrupted bench: finished repeats are skipped, an interrupted one resumes.",
+    )
+    p.add_argument("bench_data", metavar="DATA", help="raw dataset (one folder per class)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the repeats and table go")
+    p.add_argument("--train-ratio", type=ratio, metavar="R", help="train share of each class")
+    p.add_argument(
+        "--val-ratio", type=ratio, default=0.0, metavar="R", help="val share (default 0)"
+    )
+    p.add_argument("--repeats", type=positive_int, default=5, help="random splits (default 5)")
+    p.add_argument("--config", metavar="FILE", help="YAML or TOML file of training settings")
+    add_setting_flags(p, exclude=("data", "out"))
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rsscene import config
+    from rsscene.bench import run_bench
+    from rsscene.errors import Interrupted
+
+    given = {k: v for k, v in vars(args).items() if k in config.field_names() and v is not None}
+    cfg = config.build(given, args.config)
+    try:
+        record = run_bench(
+            args.bench_data,
+            args.out,
+            cfg,
+            repeats=args.repeats,
+            train_ratio=args.train_ratio,
+            val_ratio=args.val_ratio,
+        )
+    except Interrupted as e:
+        print(f"{e}\nbench: run the same command again to continue", file=sys.stderr)
+        return 128 + e.signum
+    from pathlib import Path
+
+    print()
+    print((Path(args.out) / "bench.md").read_text(), end="")
+    print(f"\n{len(record['repeats'])} repeat(s); table in {args.out}/bench.md and bench.json")
+    return 0
+
+
 # --------------------------------------------------------------------------- evaluate
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix")
@@ -315,7 +381,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"{'macro':<{width}}  {macro['precision']:9.3f}  {macro['recall']:6.3f}"
         f"  {macro['f1']:5.3f}  {report['images']:7d}"
     )
-    line = f"accuracy {report['accuracy']:.4f}  top5 {report['top5']:.4f}"
+    line = (
+        f"OA {report['accuracy']:.4f}  AA {report['average_accuracy']:.4f}"
+        f"  kappa {report['kappa']:.4f}  macro-F1 {macro['f1']:.4f}  top5 {report['top5']:.4f}"
+    )
     if "tta_accuracy" in report:
         line += f"  tta_accuracy {report['tta_accuracy']:.4f}"
     print(f"{line}  ({report['images']} images; skipped {len(report['skipped'])})")
@@ -760,6 +829,7 @@ COMMANDS = [
     add_synth,
     add_prepare,
     add_train,
+    add_bench,
     add_evaluate,
     add_predict,
     add_demo,

@@ -33,6 +33,8 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 CACHE_MODES = ("auto", "memory", "disk", "none")
+LOGGERS = ("csv", "tensorboard", "mlflow")
+SAMPLERS = ("uniform", "balanced")
 
 # Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
 # linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
@@ -127,6 +129,17 @@ class TrainConfig:
     schedule: str = setting("onecycle", "learning-rate schedule", choices=SCHEDULES)
     warmup_epochs: float = setting(2.0, "linear warm-up, in epochs")
     label_smoothing: float = setting(0.1, "label smoothing")
+    class_weights: str = setting(
+        "none",
+        "loss weight per class: none, balanced (inverse class frequency) or a YAML/JSON FILE"
+        " mapping each class to its weight",
+        metavar="none|balanced|FILE",
+    )
+    sampler: str = setting(
+        "uniform",
+        "uniform: each training image once an epoch; balanced: draw every class equally often",
+        choices=SAMPLERS,
+    )
     augment: str = setting(
         "dihedral", "flips/rotations: the 8 of the square, hflip or none", choices=AUGMENTS
     )
@@ -166,6 +179,12 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm under torchrun")
     strict: bool = setting(False, "fail on any unreadable image")
     out: str | None = setting(help="run folder (default runs/ARCH-TIMESTAMP)", metavar="DIR")
+    log: str = setting(
+        "csv",
+        "metrics.csv only, or also tensorboard (RUN/tensorboard) or mlflow"
+        " (MLFLOW_TRACKING_URI, default ./mlruns)",
+        choices=LOGGERS,
+    )
     tutorial: bool = setting(
         False, "the tutorial's recipe: Resize 224, flip, Adam 5e-4, batch 32, 30 epochs, float32"
     )
@@ -297,6 +316,12 @@ def validate(cfg: TrainConfig) -> None:
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("amp", cfg.amp, AMP_MODES)
     _choice("cache", cfg.cache, CACHE_MODES)
+    _choice("log", cfg.log, LOGGERS)
+    _choice("sampler", cfg.sampler, SAMPLERS)
+    if cfg.class_weights not in ("none", "balanced") and not Path(cfg.class_weights).is_file():
+        raise UserError(
+            f"--class-weights {cfg.class_weights}: no such file (give none, balanced or a FILE)"
+        )
     for name in ("epochs", "batch_size"):
         value = getattr(cfg, name)
         if value is not None and value < 1:

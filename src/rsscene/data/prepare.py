@@ -20,6 +20,10 @@ The split is stratified and deterministic: within a class, files are ordered by
 nor on Python's hash randomisation) and assigned first to test, then val, then train. Because
 each file's place depends only on its own name, adding a validation part leaves the test part
 unchanged, and adding or removing a file (a corrupt one fixed, say) moves no other file.
+
+A training ratio (``train_ratio``, the remote-sensing protocol: that share of each class
+trains, the rest tests) plans the counts the same way. A split file (``split_file``) instead
+reproduces a published split list: every line names a part and a file.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from collections import defaultdict
@@ -137,12 +142,33 @@ def _check_options(
     train_per_class: int | None,
     test_per_class: int | None,
     val_per_class: int | None,
-    test_ratio: float,
+    test_ratio: float | None,
     val_ratio: float,
     mode: str,
+    train_ratio: float | None = None,
+    split_file: str | Path | None = None,
 ) -> None:
     if mode not in MODES:
         raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    counts = (train_per_class, test_per_class, val_per_class)
+    if split_file is not None:
+        if any(v is not None for v in (*counts, train_ratio, test_ratio)) or val_ratio:
+            raise UserError("--split-file sets every part: it takes no counts or ratios")
+        return
+    if train_ratio is not None:
+        if any(v is not None for v in counts) or test_ratio is not None:
+            raise UserError(
+                "--train-ratio cannot be combined with --test-ratio or per-class counts"
+                " (the images it leaves out of train and val are the test part)"
+            )
+        if not 0 < train_ratio < 1:
+            raise UserError(f"--train-ratio must be between 0 and 1, got {train_ratio}")
+        if not 0 <= val_ratio < 1 or train_ratio + val_ratio >= 1:
+            raise UserError(
+                f"--train-ratio + --val-ratio must leave room for testing, got {train_ratio}"
+                f" + {val_ratio}"
+            )
+        return
     if (train_per_class is None) != (test_per_class is None):
         raise UserError("--train-per-class and --test-per-class must be given together")
     if train_per_class is not None:
@@ -159,6 +185,8 @@ def _check_options(
         return
     if val_per_class is not None:
         raise UserError("--val-per-class needs --train-per-class and --test-per-class")
+    if test_ratio is None:
+        raise UserError("give --test-ratio, --train-ratio, per-class counts or --split-file")
     if not 0 < test_ratio < 1:
         raise UserError(f"--test-ratio must be between 0 and 1, got {test_ratio}")
     if not 0 <= val_ratio < 1:
@@ -317,8 +345,9 @@ def _plan_counts(
     train_per_class: int | None,
     test_per_class: int | None,
     val_per_class: int | None,
-    test_ratio: float,
+    test_ratio: float | None,
     val_ratio: float,
+    train_ratio: float | None = None,
 ) -> dict[str, dict[str, int]]:
     plan: dict[str, dict[str, int]] = {}
     short: list[str] = []
@@ -329,6 +358,16 @@ def _plan_counts(
             if n < need:
                 asked = " + ".join(f"{want[p]} {p}" for p in PARTS if want[p])
                 short.append(f"{cls} has {n} good images, {need} requested ({asked})")
+        elif train_ratio is not None:
+            train = max(1, _round_half_up(n * train_ratio))
+            val = max(1, _round_half_up(n * val_ratio)) if val_ratio > 0 else 0
+            want = {"train": train, "val": val, "test": n - train - val}
+            if want["test"] < 1:
+                short.append(
+                    f"{cls} has {n} good images, too few for {train} train"
+                    + (f" + {val} val" if val else "")
+                    + " + at least 1 test"
+                )
         else:
             test = max(1, _round_half_up(n * test_ratio))
             val = max(1, _round_half_up(n * val_ratio)) if val_ratio > 0 else 0
@@ -475,6 +514,131 @@ def _find_duplicates(files: list[dict]) -> list[Duplicate]:
     return sorted(dups, key=lambda d: (not d.leakage, d.files))
 
 
+# --------------------------------------------------------------------------- split files
+_SPLIT_LINE = re.compile(r"^\s*(\S+?)\s*[,\s]\s*(\S.*?)\s*$")
+_PART_NAMES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_split_file(path: str | Path) -> list[tuple[str, str]]:
+    """The (part, file) pairs of a split list: an rsscene ``split.json``, or text with one
+    ``PART FILE`` per line (a space or a comma between them; ``#`` starts a comment). FILE is
+    ``CLASS/name`` under SRC or a bare name found in one class folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--split-file {path}: cannot read ({getattr(e, 'strerror', e)})") from None
+    if path.suffix.lower() == ".json":
+        data = _read_own_manifest(path)
+        if data is None:
+            raise UserError(f"--split-file {path}: not a split.json written by rsscene prepare")
+        return [(str(f.get("part")), str(f.get("source"))) for f in data["files"]]
+    pairs = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0]
+        if not line.strip():
+            continue
+        match = _SPLIT_LINE.match(line)
+        part = _PART_NAMES.get(match.group(1).lower()) if match else None
+        if part is None:
+            raise UserError(
+                f"--split-file {path}:{number}: expected 'PART FILE' with PART train, val or"
+                f" test, got {line.strip()!r}"
+            )
+        pairs.append((part, match.group(2)))
+    if not pairs:
+        raise UserError(f"--split-file {path}: lists no files")
+    return pairs
+
+
+def _resolve_listed(
+    pairs: list[tuple[str, str]], candidates: list[_Candidate], path: str | Path
+) -> dict[str, str]:
+    """``CLASS/name`` -> part for every listed file; a file not among ``candidates`` (the image
+    files of the chosen classes), or listed twice, is refused."""
+    by_rel = {c.rel: c for c in candidates}
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for c in candidates:
+        by_name[c.name].append(c.rel)
+    listed: dict[str, str] = {}
+    missing, ambiguous, twice = [], [], []
+    for part, file in pairs:
+        rel = file.replace("\\", "/").strip("/")
+        if rel not in by_rel:
+            found = by_name.get(rel.rsplit("/", 1)[-1], []) if "/" not in rel else []
+            if len(found) > 1:
+                ambiguous.append(rel)
+                continue
+            if not found:
+                missing.append(file)
+                continue
+            rel = found[0]
+        if rel in listed:
+            twice.append(rel)
+        listed[rel] = part
+    for problem, names in (
+        ("are not image files of the chosen class folders", missing),
+        ("are bare names found in several class folders (write CLASS/name)", ambiguous),
+        ("are listed twice", twice),
+    ):
+        if names:
+            raise UserError(
+                f"--split-file {path}: {len(names)} listed file(s) {problem}, e.g. {names[0]}"
+            )
+    return listed
+
+
+def _assign_by_plan(
+    good: dict[str, list[_Checked]], plan: dict[str, dict[str, int]], seed: int
+) -> tuple[dict[str, list[tuple[str, _Checked]]], dict[str, int]]:
+    """Each class's (part, file) pairs in the keyed order, and the good files left unused."""
+    placed: dict[str, list[tuple[str, _Checked]]] = {}
+    unused: dict[str, int] = {}
+    for cls, checked in good.items():
+        ordered = sorted(checked, key=lambda c: _order_key(seed, cls, c.cand.name))
+        placed[cls], start = [], 0
+        for part in ("test", "val", "train"):  # test first, so adding val never changes test
+            placed[cls] += [(part, c) for c in ordered[start : start + plan[cls][part]]]
+            start += plan[cls][part]
+        unused[cls] = len(ordered) - start
+    return placed, unused
+
+
+def _file_entry(part: str, c: _Checked) -> dict:
+    return {
+        "file": f"{part}/{c.cand.cls}/{c.cand.name}",
+        "source": c.cand.rel,
+        "class": c.cand.cls,
+        "part": part,
+        "size": c.size,
+        "sha256": c.sha256,
+    }
+
+
+def _candidates(
+    src: Path, classes: Sequence[str] | None, split_file: str | Path | None
+) -> tuple[list[str], list[_Candidate], list[Skipped], dict[str, str] | None]:
+    """The chosen classes, their image files, the entries left out, and (with a split file)
+    the part of each listed file; the classes are then those the list names."""
+    chosen = _select_classes(_class_folders(src), classes)
+    candidates: list[_Candidate] = []
+    skipped: list[Skipped] = []
+    for cls in chosen:
+        cands, skips = _list_class(src, cls)
+        candidates += cands
+        skipped += skips
+    if split_file is None:
+        return chosen, candidates, skipped, None
+    listed = _resolve_listed(read_split_file(split_file), candidates, split_file)
+    parts = set(listed.values())
+    if not {"train", "test"} <= parts:
+        raise UserError(
+            f"--split-file {split_file}: lists no {min({'train', 'test'} - parts)} files"
+        )
+    chosen = [cls for cls in chosen if any(rel.startswith(f"{cls}/") for rel in listed)]
+    return chosen, [c for c in candidates if c.rel in listed], [], listed
+
+
 # --------------------------------------------------------------------------- the library call
 def prepare(
     src: str | Path,
@@ -484,8 +648,10 @@ def prepare(
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     val_per_class: int | None = None,
-    test_ratio: float = 0.1,
+    test_ratio: float | None = None,
     val_ratio: float = 0.0,
+    train_ratio: float | None = None,
+    split_file: str | Path | None = None,
     seed: int = 0,
     mode: str = "copy",
     force: bool = False,
@@ -495,15 +661,23 @@ def prepare(
 ) -> PrepareResult:
     """Split ``src`` (one folder per class) into ``dst/train``, ``dst/val``, ``dst/test``.
 
-    Either exact counts (``train_per_class`` and ``test_per_class`` together, optionally
-    ``val_per_class``) or ratios (``test_ratio``, ``val_ratio``: the per-class count is
-    ``n * ratio`` rounded half up, at least 1). Every image is decoded first; bad files are
-    left out and listed in the result (``strict``: raise :class:`UserError` instead). Files are
-    placed by ``mode`` (copy, hardlink or symlink with absolute targets), then the manifest
+    One of: exact counts (``train_per_class`` and ``test_per_class`` together, optionally
+    ``val_per_class``); ratios of the test part (``test_ratio``, default 0.1 when nothing else
+    is given) or of the training part (``train_ratio``: the rest tests), each with
+    ``val_ratio`` (a per-class count is ``n * ratio`` rounded half up, at least 1); or a
+    ``split_file`` listing the part of every file (see :func:`read_split_file`; files it does
+    not list are left unused). Every image is decoded first; bad files are left out and
+    listed in the result (``strict``: raise :class:`UserError` instead). Files are placed by
+    ``mode`` (copy, hardlink or symlink with absolute targets), then the manifest
     ``dst/split.json`` is written last, atomically. Nothing is printed; see
     :func:`format_report`. ``progress=None`` shows a bar only when stderr is a terminal.
     """
-    _check_options(train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, mode)
+    if test_ratio is None and train_ratio is None and split_file is None:
+        test_ratio = 0.1 if train_per_class is None else None
+    _check_options(
+        train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, mode,
+        train_ratio, split_file,
+    )  # fmt: skip
     src_path = _resolve_src(src)
     dst_path = Path(dst).expanduser().resolve()
     if _inside(dst_path, src_path):
@@ -513,14 +687,7 @@ def prepare(
             raise UserError(f"source {src} lies inside {dst_path / part}, which prepare writes")
     to_remove = _check_dst(dst_path, force)
 
-    chosen = _select_classes(_class_folders(src_path), classes)
-    candidates: list[_Candidate] = []
-    skipped: list[Skipped] = []
-    for cls in chosen:
-        cands, skips = _list_class(src_path, cls)
-        candidates += cands
-        skipped += skips
-
+    chosen, candidates, skipped, listed = _candidates(src_path, classes, split_file)
     checked = _check_all(candidates, workers, progress)
     bad = [Skipped(c.cand.rel, c.reason) for c in checked if c.reason is not None]
     if strict and bad:
@@ -534,59 +701,72 @@ def prepare(
     for c in checked:
         if c.reason is None:
             good[c.cand.cls].append(c)
-    plan = _plan_counts(
-        {cls: len(v) for cls, v in good.items()},
-        train_per_class,
-        test_per_class,
-        val_per_class,
-        test_ratio,
-        val_ratio,
+    if listed is None:
+        plan = _plan_counts(
+            {cls: len(v) for cls, v in good.items()},
+            train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, train_ratio,
+        )  # fmt: skip
+        placed, unused = _assign_by_plan(good, plan, seed)
+    else:
+        placed = {cls: [(listed[c.cand.rel], c) for c in v] for cls, v in good.items()}
+        unused = {cls: 0 for cls in chosen}
+    files = sorted(
+        (_file_entry(part, c) for pairs in placed.values() for part, c in pairs),
+        key=lambda f: (f["part"], f["class"], f["file"]),
     )
-
-    files: list[dict] = []
-    unused: dict[str, int] = {}
-    for cls in chosen:
-        ordered = sorted(good[cls], key=lambda c: _order_key(seed, cls, c.cand.name))
-        start = 0
-        for part in ("test", "val", "train"):  # test first, so adding val never changes test
-            for c in ordered[start : start + plan[cls][part]]:
-                files.append(
-                    {
-                        "file": f"{part}/{cls}/{c.cand.name}",
-                        "source": c.cand.rel,
-                        "class": cls,
-                        "part": part,
-                        "size": c.size,
-                        "sha256": c.sha256,
-                    }
-                )
-            start += plan[cls][part]
-        unused[cls] = len(ordered) - start
-    files.sort(key=lambda f: (f["part"], f["class"], f["file"]))
     duplicates = _find_duplicates(files)
-    has_val = any(p["val"] for p in plan.values())
-    counts = {cls: {p: plan[cls][p] for p in PARTS if p != "val" or has_val} for cls in chosen}
+    tally = {cls: {p: sum(1 for q, _ in placed[cls] if q == p) for p in PARTS} for cls in chosen}
+    has_val = any(t["val"] for t in tally.values())
+    counts = {cls: {p: tally[cls][p] for p in PARTS if p != "val" or has_val} for cls in chosen}
 
+    options: dict[str, object] = {
+        "train_per_class": train_per_class,
+        "val_per_class": val_per_class,
+        "test_per_class": test_per_class,
+        "test_ratio": test_ratio,
+        "val_ratio": None if train_per_class is not None or listed else val_ratio,
+        "train_ratio": train_ratio,
+    }
+    if split_file is not None:
+        digest = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
+        options.update(split_file=str(Path(split_file).resolve()), split_file_sha256=digest)
     manifest = {
         "rsscene_split": MANIFEST_VERSION,
         "source": str(src_path),
         "seed": seed,
         "mode": mode,
-        "options": {
-            "train_per_class": train_per_class,
-            "val_per_class": val_per_class,
-            "test_per_class": test_per_class,
-            "test_ratio": None if train_per_class is not None else test_ratio,
-            "val_ratio": None if train_per_class is not None else val_ratio,
-        },
+        "options": options,
         "classes": chosen,
         "counts": counts,
         "files": files,
         "skipped": [s.as_dict() for s in skipped],
         "duplicates": [d.as_dict() for d in duplicates],
     }
+    manifest_path = _write_split(src_path, dst_path, manifest, mode, to_remove, (src, dst))
+    return PrepareResult(
+        src=src_path,
+        dst=dst_path,
+        manifest_path=manifest_path,
+        classes=chosen,
+        counts=counts,
+        skipped=skipped,
+        duplicates=duplicates,
+        unused=unused,
+        mode=mode,
+        seed=seed,
+    )
 
-    # Everything is checked; only now touch DST.
+
+def _write_split(
+    src_path: Path,
+    dst_path: Path,
+    manifest: dict,
+    mode: str,
+    to_remove: set[str] | None,
+    given: tuple[str | Path, str | Path],
+) -> Path:
+    """Everything is checked; only now touch DST: place the files, then the manifest."""
+    src, dst = given
     if mode == "hardlink":
         probe = dst_path if dst_path.exists() else next(p for p in dst_path.parents if p.exists())
         if os.stat(probe).st_dev != os.stat(src_path).st_dev:
@@ -601,7 +781,7 @@ def prepare(
         _write_json(dst_path / PARTIAL_NAME, manifest)
     except OSError as e:
         raise UserError(f"cannot write to destination {dst}: {e.strerror or e}") from None
-    for f in files:
+    for f in manifest["files"]:
         _place(src_path / f["source"], dst_path / f["file"], mode)
     manifest_path = dst_path / MANIFEST_NAME
     try:
@@ -609,19 +789,7 @@ def prepare(
         (dst_path / PARTIAL_NAME).unlink()
     except OSError as e:
         raise UserError(f"cannot write {manifest_path}: {e.strerror or e}") from None
-
-    return PrepareResult(
-        src=src_path,
-        dst=dst_path,
-        manifest_path=manifest_path,
-        classes=chosen,
-        counts=counts,
-        skipped=skipped,
-        duplicates=duplicates,
-        unused=unused,
-        mode=mode,
-        seed=seed,
-    )
+    return manifest_path
 
 
 # --------------------------------------------------------------------------- the report

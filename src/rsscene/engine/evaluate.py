@@ -80,13 +80,39 @@ def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
+def kappa(confusion: Tensor) -> float:
+    """Cohen's kappa of a confusion matrix: agreement beyond what the row and column totals
+    give by chance. NaN when chance agreement is already total (one class only, all right)."""
+    cm = confusion.double()
+    total = cm.sum()
+    if not total:
+        return float("nan")
+    observed = cm.diag().sum() / total
+    chance = (cm.sum(0) * cm.sum(1)).sum() / total**2
+    if chance >= 1:
+        return float("nan")
+    return ((observed - chance) / (1 - chance)).item()
+
+
+def headline(report: dict[str, Any]) -> dict[str, float]:
+    """What scene-classification papers report: overall accuracy, average (per-class)
+    accuracy, Cohen's kappa and macro-F1."""
+    return {
+        "oa": report["accuracy"],
+        "aa": report["average_accuracy"],
+        "kappa": report["kappa"],
+        "macro_f1": report["macro"]["f1"],
+    }
+
+
 def summarize(
     confusion: Tensor,
     classes: list[str],
     loss_sum: float = float("nan"),
     topk_correct: dict[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy, top-k, per-class precision/recall/F1/support and macro averages."""
+    """Accuracy (OA), average accuracy (AA), kappa, top-k, per-class precision/recall/F1/
+    support and macro averages."""
     cm = confusion.double()
     total = cm.sum().item()
     tp = cm.diag()
@@ -110,6 +136,9 @@ def summarize(
     report: dict[str, Any] = {
         "images": int(total),
         "accuracy": tp.sum().item() / total if total else 0.0,
+        # AA: the mean recall of the classes present, as remote-sensing papers report it.
+        "average_accuracy": recall[present].mean().item() if present.any() else 0.0,
+        "kappa": kappa(confusion),
         "loss": loss_sum / total if total else float("nan"),
         "macro": {
             "precision": precision[present].mean().item() if present.any() else 0.0,

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import Tensor, nn
 
 from rsscene import checkpoint
@@ -86,6 +88,37 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr)
 
 
+def _positive_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def class_weights(spec: str, classes: list[str], labels: Tensor) -> Tensor | None:
+    """The loss weight of each class: ``none`` (None), ``balanced`` (n / (classes x n_class),
+    so that every class weighs as much in the loss as the others) or a YAML/JSON file that
+    maps every class name to a positive weight."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        counts = torch.bincount(labels, minlength=len(classes)).double()
+        return (counts.sum() / (len(classes) * counts.clamp(min=1))).float()
+    try:
+        given = yaml.safe_load(Path(spec).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"--class-weights {spec}: cannot read ({str(e).splitlines()[0]})") from None
+    if not isinstance(given, dict) or set(map(str, given)) != set(classes):
+        raise UserError(
+            f"--class-weights {spec}: expected a mapping of exactly the classes {classes} to"
+            f" weights, got {sorted(map(str, given)) if isinstance(given, dict) else given!r}"
+        )
+    weights = {str(k): v for k, v in given.items()}
+    bad = [c for c in classes if not _positive_number(weights[c])]
+    if bad:
+        raise UserError(
+            f"--class-weights {spec}: the weight of {bad[0]!r} is not a positive number"
+        )
+    return torch.tensor([float(weights[c]) for c in classes])
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at ``step``: linear warm-up, then the schedule's decay."""
     if schedule == "constant":
@@ -136,15 +169,27 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 
 
 def epoch_batches(
-    n: int, global_batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1
+    n: int,
+    global_batch: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    labels: Tensor | None = None,
 ) -> list[list[int]]:
     """This rank's share of each global batch of the epoch's permutation of ``n`` images.
 
     Every rank draws the same permutation, so the global batches are those of one process
-    with a batch of ``global_batch``.
+    with a batch of ``global_batch``. With ``labels`` (the class-balanced sampler) the epoch
+    is ``n`` draws with replacement, each class equally likely: still a function of (seed,
+    epoch) alone, so a resumed run draws the same batches.
     """
     g = torch.Generator().manual_seed(step_seed(seed, epoch, -1, 0))
-    perm = torch.randperm(n, generator=g).tolist()
+    if labels is None:
+        perm = torch.randperm(n, generator=g).tolist()
+    else:
+        per_image = 1.0 / torch.bincount(labels)[labels].double()
+        perm = torch.multinomial(per_image, n, replacement=True, generator=g).tolist()
     global_batches = chunks(perm, global_batch, drop_last=True)
     return [b[rank * len(b) // world : (rank + 1) * len(b) // world] for b in global_batches]
 

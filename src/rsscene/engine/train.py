@@ -2,7 +2,7 @@
 epoch, checkpoints, and writes a self-describing run folder::
 
     RUN/config.json   every resolved setting, class names, versions
-    RUN/metrics.csv   one row per epoch
+    RUN/metrics.csv   one row per epoch (also sent to TensorBoard or MLflow with --log)
     RUN/last.pt       the latest state (weights, optimizer, schedule, progress)
     RUN/best.pt       the weights of the epoch with the best accuracy on the selection split
     RUN/curves.png    loss and accuracy per epoch
@@ -16,7 +16,6 @@ by (seed, epoch, step, rank), so a run resumed from any step reproduces the unin
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import signal
@@ -35,7 +34,7 @@ from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, TrainingState
 from rsscene.config import TrainConfig, resolve
 from rsscene.data.datasets import Batch, BatchLoader, TrainData, chunks, typical_side
-from rsscene.engine import distributed, recipe, runstate
+from rsscene.engine import distributed, loggers, recipe, runstate
 from rsscene.engine.device import (
     amp_dtype,
     autocast,
@@ -43,20 +42,14 @@ from rsscene.engine.device import (
     select_device,
     set_determinism,
 )
-from rsscene.engine.evaluate import Predictions, predict, report_from_predictions, write_reports
+from rsscene.engine.evaluate import (
+    Predictions,
+    headline,
+    predict,
+    report_from_predictions,
+    write_reports,
+)
 from rsscene.errors import Diverged, Interrupted, UserError
-
-METRIC_FIELDS = [
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "test_loss",
-    "test_acc",
-    "val_acc",
-    "lr",
-    "images_per_s",
-    "seconds",
-]
 
 
 class _Tally:
@@ -118,6 +111,8 @@ class Trainer:
             source_size=typical_side(data.train.images),
         )
         self.augment = recipe.make_augment(self.cfg, self.preprocess)
+        weights = recipe.class_weights(self.cfg.class_weights, self.classes, data.train.labels)
+        self.loss_weights = None if weights is None else weights.to(self.device)
         self._wrap(model)
         self.optimizer = optimizer or recipe.make_optimizer(self.cfg, self.net)
         self.global_batch = self.cfg.batch_size * self.dist.world
@@ -136,6 +131,7 @@ class Trainer:
         self.stop_signal: int | None = None
         self._owns_process_group = False
         self._results: dict[str, tuple[dict[str, Any], Predictions]] = {}
+        self._log: loggers.RunLog | None = None
 
     @classmethod
     def from_config(
@@ -279,15 +275,16 @@ class Trainer:
     def save(self, name: str, resumable: bool = True) -> Path:
         return checkpoint.save(self.checkpoint(resumable), self.run_dir / name)
 
-    def write_files(self) -> None:
-        """metrics.csv and curves.png from the history so far."""
-        from rsscene.plots import plot_curves
-
-        with (self.run_dir / "metrics.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(self.state.history)
-        plot_curves(self.state.history, self.run_dir / "curves.png")
+    @property
+    def run_log(self) -> loggers.RunLog:
+        """Where each epoch's row goes (rank 0): metrics.csv, curves.png and ``--log``'s
+        backend, opened at first use, after a resume has set the epoch to continue from."""
+        if self._log is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._log = loggers.RunLog(
+                self.cfg.log, self.run_dir, self.state.next_epoch, self.cfg.to_dict()
+            )
+        return self._log
 
     def _start_run(self) -> None:
         """The run folder, its config.json, and the log's first lines (rank 0 only)."""
@@ -302,6 +299,10 @@ class Trainer:
             "world_size": self.dist.world,
             "effective_batch": self.global_batch,
         }
+        if self.loss_weights is not None:
+            config["class_weight_values"] = dict(
+                zip(self.classes, self.loss_weights.tolist(), strict=True)
+            )
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         self.log(
             f"{cfg.arch} ({cfg.variant}) on {self.device}"
@@ -344,6 +345,9 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
             if self._owns_process_group:
                 distributed.teardown()
 
@@ -372,6 +376,7 @@ class Trainer:
             epoch,
             self.dist.rank,
             self.dist.world,
+            labels=self.data.train.labels if self.cfg.sampler == "balanced" else None,
         )
 
     # ----------------------------------------------------------------------- an epoch
@@ -385,7 +390,10 @@ class Trainer:
         with autocast(self.device, self.amp):
             logits = self.forward(x)
             loss = F.cross_entropy(
-                logits.float(), target.to(self.device), label_smoothing=cfg.label_smoothing
+                logits.float(),
+                target.to(self.device),
+                weight=self.loss_weights,
+                label_smoothing=cfg.label_smoothing,
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -486,9 +494,7 @@ class Trainer:
     def _interrupt(self, epoch: int, step: int) -> None:
         signum = self.stop_signal or signal.SIGINT
         if self.dist.main:
-            self.save("last.pt")
-            if self.state.history:
-                self.write_files()
+            self.save("last.pt")  # metrics.csv already holds every finished epoch
         self.dist.barrier()
         name = signal.Signals(signum).name
         raise Interrupted(
@@ -509,6 +515,8 @@ class Trainer:
             "train_acc": round(sums["correct"] / seen, 5),
             "test_loss": round(test["loss"], 5),
             "test_acc": round(test["accuracy"], 5),
+            "test_aa": round(test["average_accuracy"], 5),
+            "test_kappa": round(test["kappa"], 5),
             "val_acc": round(val["accuracy"], 5) if val else "",
             "lr": f"{self.scheduler.get_last_lr()[0]:.6g}",
             "images_per_s": round(sums["images_per_s"], 1),
@@ -526,7 +534,7 @@ class Trainer:
                 # Weights only: a third of the size with AdamW's two moments, and a run is
                 # resumed from last.pt.
                 self.save("best.pt", resumable=False)
-            self.write_files()
+            self.run_log.epoch(self.state.history)
             val_acc = f" val_acc {row['val_acc']:.4f}" if val else ""
             self.log(
                 f"epoch {epoch + 1}/{self.cfg.epochs} train_loss {row['train_loss']:.4f}"
@@ -574,6 +582,7 @@ class Trainer:
             "headline": "test accuracy of the final epoch's weights",
             "test_accuracy": final["accuracy"],
             "test_accuracy_tta": tta["accuracy"],
+            "metrics": headline(final),
             "best": {**self.state.best, "note": best_note},
             "epochs": self.cfg.epochs,
             "train_seconds": round(sum(float(r["seconds"]) for r in self.state.history), 2),
@@ -582,12 +591,16 @@ class Trainer:
             "test": final,
         }
         if self.dist.main:
-            self.write_files()
             title = f"{self.cfg.arch}, final epoch: test accuracy {final['accuracy']:.1%}"
-            write_reports(final, preds, test.paths, self.run_dir, title=title)
+            files = write_reports(final, preds, test.paths, self.run_dir, title=title)
             (self.run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+            kept = {"curves": self.run_dir / "curves.png", "confusion": files["confusion_png"]}
+            kept["report"] = files["report"]
+            self.run_log.finish(report, {k: f for k, f in kept.items() if f.is_file()})
+            m = report["metrics"]
             self.log(
-                f"final test accuracy {final['accuracy']:.2%} (with 8-way TTA"
+                f"final test accuracy (OA) {m['oa']:.2%}, AA {m['aa']:.2%}, kappa"
+                f" {m['kappa']:.4f}, macro-F1 {m['macro_f1']:.4f} (with 8-way TTA OA"
                 f" {tta['accuracy']:.2%}); best {self.state.best['split']} accuracy"
                 f" {self.state.best['accuracy']:.2%} at epoch {self.state.best['epoch']};"
                 f" run folder {self.run_dir}"
