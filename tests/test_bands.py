@@ -291,8 +291,10 @@ def test_thirteen_bands_through_every_command(run13: Path, split13: Path, tmp_pa
     assert ckpt.model["conv1.weight"].shape[1] == 13
     # The statistics are the training split's, per band: the bright band of each class shows.
     assert len(pre.mean) == 13 and pre.mean[0] > 5 * pre.mean[5]
+    assert pre.source_size == 32  # the side of the 13-band training files: map's default tile
     assert main(["evaluate", str(run13), str(split13), "-o", str(tmp_path / "ev")]) == 0
-    assert "accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["images"] == 6
+    assert "\nOA " in capsys.readouterr().out
     test_file = sorted((split13 / "test" / "lake").iterdir())[0]
     assert main(["predict", str(run13), str(test_file), "-o", str(tmp_path / "p.json")]) == 0
     preds = json.loads((tmp_path / "p.json").read_text())["predictions"]
@@ -407,3 +409,10 @@ def test_real_eurosat_and_naip_files() -> None:
     assert read_image(naip).array.shape == (4, 723, 934)
     with pytest.raises(ImageError, match="has 4 bands"):
         load_tensor(naip, 64)
+
+
+def test_a_resume_cannot_change_the_bands(run13: Path, capsys) -> None:
+    assert main(["train", "--resume", str(run13), "--bands", "4,3,2"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "--bands all, this run asks for 4,3,2" in err
+    assert len(err.splitlines()) == 1

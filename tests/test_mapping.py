@@ -276,5 +276,22 @@ def test_serve_maps_an_uploaded_scene(model: Path, tmp_path: Path) -> None:
         small = client.post("/map?tile=128", files={"file": ("s.tif", tif)})
         assert small.status_code == 422 and "s.tif" in small.json()["error"]
         assert "smaller than one 128 px tile" in small.json()["error"]
+        many = client.post("/map?tile=8&stride=1", files={"file": ("s.tif", tif)})
+        assert many.status_code == 422 and "the limit is 4,096" in many.json()["error"]
         big = client.post("/map", files={"file": ("huge.tif", huge.read_bytes())})
         assert big.status_code == 422 and "too large" in big.json()["error"], big.text
+
+
+def test_probabilities_without_rasterio_is_one_line(
+    model: Path, tmp_path: Path, monkeypatch, capsys
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "rasterio" else real(name, *a)
+    )
+    png = generate_mosaic(tmp_path, 1, 2, size=32) and tmp_path / "mosaic.png"
+    argv = ["map", str(model), str(png), "--out", str(tmp_path / "out"), "--probabilities"]
+    assert main(argv) == 2
+    assert 'pip install "rsscene[geo]"' in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -69,7 +70,12 @@ def _open(out: Path, wanted: dict[str, Any]) -> None:
     """Start ``out``, or check that the bench there ran under the same protocol."""
     record = out / "bench.json"
     if record.is_file():
-        saved = json.loads(record.read_text()).get("protocol")
+        try:
+            saved = json.loads(record.read_text())["protocol"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(
+                f"{record}: not a bench record (damaged?); choose another --out"
+            ) from None
         if saved != wanted:
             changed = sorted(
                 k for k in {*saved, *wanted} if k != "settings" and saved.get(k) != wanted.get(k)
@@ -230,6 +236,9 @@ def _write(
     out: Path, wanted: dict[str, Any], title: str, results: list[dict[str, Any]]
 ) -> dict[str, Any]:
     record = {"protocol": wanted, "repeats": results, "summary": summarize(results)}
-    (out / "bench.json").write_text(json.dumps(record, indent=2) + "\n")
+    # Whole or not at all: a rerun reads it to know what it continues.
+    partial = out / ".bench.json.tmp"
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, out / "bench.json")
     (out / "bench.md").write_text(markdown(title, results))
     return record

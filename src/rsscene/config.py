@@ -299,7 +299,11 @@ def build(overrides: dict[str, Any], file: str | Path | None = None) -> TrainCon
         merged.update(TUTORIAL)
     merged.update(file_values)
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(merged)
+    cfg = from_dict(merged)
+    if cfg.class_weights not in ("none", "balanced"):
+        # Saved absolute, so that a resume or a torchrun restart elsewhere finds the same file.
+        cfg.class_weights = str(Path(cfg.class_weights).resolve())
+    return cfg
 
 
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:

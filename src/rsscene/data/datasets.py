@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
@@ -32,6 +31,7 @@ from rsscene.data.images import (
     BandPick,
     ImageError,
     Raster,
+    image_size,
     is_image_file,
     load_tensor,
     read_image,
@@ -68,9 +68,8 @@ def typical_side(images: ImageList, sample: int = 64) -> int | None:
     sides = []
     for path in images.paths[::step][:sample]:
         try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except (OSError, ValueError, Image.DecompressionBombError):
+            sides.append(min(image_size(path)))
+        except ImageError:
             continue
     return int(np.median(sides)) if sides else None
 

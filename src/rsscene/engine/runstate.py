@@ -66,6 +66,12 @@ def check_resume(
         problems.append("it holds weights only (a best.pt); resume from the run's last.pt")
     if ckpt.arch != cfg.arch or ckpt.variant != cfg.variant:
         problems.append(f"it is a {ckpt.arch} {ckpt.variant}, this run a {cfg.arch} {cfg.variant}")
+    # Settings that shape the model's input: another value would not fit the weights.
+    for name in ("bands", "normalize"):
+        saved, asked = ckpt.config.get(name), getattr(cfg, name)
+        if name in ckpt.config and saved != asked:
+            flag = name.replace("_", "-")
+            problems.append(f"it was trained with --{flag} {saved}, this run asks for {asked}")
     if ckpt.class_names != classes:
         problems.append(f"its classes {ckpt.class_names} differ from {classes}")
     elif ckpt.data_fingerprint != fingerprint:

@@ -322,6 +322,8 @@ class Trainer:
             self.log(
                 f"resuming at epoch {self.state.next_epoch + 1}, step {self.state.next_step + 1}"
             )
+        # Opened now, so that a missing TensorBoard or MLflow is said before an epoch is spent.
+        _ = self.run_log
 
     # ----------------------------------------------------------------------- the run
     def fit(self) -> dict[str, Any]:

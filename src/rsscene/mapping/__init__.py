@@ -10,6 +10,7 @@ batches (:mod:`.tiling`) and writes, in its output folder (:mod:`.outputs`): ``c
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,23 @@ def map_scene(
     truth: str | Path | None = None,
     progress: bool = False,
     max_pixels: int | None = None,
+    max_windows: int | None = None,
 ) -> dict[str, Any]:
-    """Map ``scene_path`` with ``predictor``'s model into ``out``; returns the summary."""
+    """Map ``scene_path`` with ``predictor``'s model into ``out``; returns the summary.
+
+    ``max_pixels`` and ``max_windows`` bound the work one call may ask for (the server's)."""
+    if probabilities and importlib.util.find_spec("rasterio") is None:
+        raise UserError('--probabilities writes a GeoTIFF: pip install "rsscene[geo]"')
     scene = open_scene(scene_path, max_pixels)
     try:
         check_bands(scene, predictor.pre)
         grid = make_grid(scene, tile or default_tile(predictor, scene, tile_m), stride)
+        windows = grid.window_rows * grid.window_cols
+        if max_windows is not None and windows > max_windows:
+            raise UserError(
+                f"{scene.path}: {windows:,} windows of {grid.tile} px every {grid.stride} px;"
+                f" the limit is {max_windows:,} (use a larger tile or stride)"
+            )
         result = predict_scene(predictor, scene, grid, batch_size, tta, progress)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

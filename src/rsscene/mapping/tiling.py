@@ -85,7 +85,7 @@ class MapResult:
     grid: Grid
     classes: list[str]
     prob_sum: np.ndarray  # rows x cols x classes, float32
-    hits: np.ndarray  # rows x cols, windows predicted over each cell
+    hits: np.ndarray  # rows x cols, windows predicted over each cell (tile/stride squared at most)
     windows: int = 0
     skipped: int = 0  # windows left out as mostly nodata
 
@@ -126,6 +126,8 @@ def predict_scene(
 ) -> MapResult:
     """Predict every window in batches, reading the next batch while the model runs."""
     k = len(predictor.classes)
+    if k >= NODATA_CLASS:
+        raise UserError(f"a map holds at most {NODATA_CLASS - 1} classes; the model has {k}")
     if grid.rows * grid.cols * k > MAX_CELL_VALUES:
         raise UserError(
             f"{scene.path}: a map of {grid.rows}x{grid.cols} cells x {k} classes is too large"
@@ -135,7 +137,7 @@ def predict_scene(
         grid,
         list(predictor.classes),
         np.zeros((grid.rows, grid.cols, k), np.float32),
-        np.zeros((grid.rows, grid.cols), np.uint16),
+        np.zeros((grid.rows, grid.cols), np.uint32),
     )
     order = list(grid.windows())
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]

@@ -70,6 +70,8 @@ DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_DECODE_WORKERS = 2
 DEFAULT_BODY_TIMEOUT = 60.0
+# /map runs on the model's one thread: bound how long one request may hold it (seconds on a CPU).
+MAX_MAP_WINDOWS = 4096
 PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("rsscene.serve")
 
@@ -506,7 +508,13 @@ def create_app(
             scene.write_bytes(data)
             try:
                 summary = map_scene(
-                    predictor, scene, Path(tmp), tile=tile, stride=stride, max_pixels=max_pixels
+                    predictor,
+                    scene,
+                    Path(tmp),
+                    tile=tile,
+                    stride=stride,
+                    max_pixels=max_pixels,
+                    max_windows=MAX_MAP_WINDOWS,
                 )
             except UserError as e:
                 raise ApiError(422, str(e).replace(str(scene), name)) from None
