@@ -55,3 +55,20 @@ def test_imbalance_benchmark_tiny(tmp_path):
     results = json.loads(out.read_text())
     assert list(results) == ["none", "--class-weights balanced", "--sampler balanced"]
     assert all(r[0]["images"] == {"train": 12, "test": 8} for r in results.values())
+
+
+def test_map_benchmark_tiny(tmp_path):
+    pytest.importorskip("rasterio", reason="the map benchmark writes a GeoTIFF (geo extra)")
+    script = Path(__file__).parents[1] / "benchmarks" / "map.py"
+    out = tmp_path / "map.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--size", "600", "--tile", "200", "--img-size", "32"]
+        + ["--loop-tiles", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["tiles"] for r in runs.values()] == [3, 9, 9]
+    assert all(r["peak_rss_mib"] > 0 and r["predict"] > 0 for r in runs.values())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from rsscene import __version__
-from rsscene.config import positive_int
+from rsscene.config import AMP_MODES, positive_int
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
@@ -630,6 +630,13 @@ def add_map(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiles", choices=["csv", "geojson"], default="csv", help="cell table format")
     p.add_argument("--probabilities", action="store_true", help="also write probabilities.tif")
     p.add_argument("--truth", metavar="CSV", help="row,col,class per cell: report tile accuracy")
+    p.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="precision of the batches: auto (bf16 where the CPU or GPU has it), bf16, fp16 or"
+        " off (float32, exactly as predict)",
+    )
     p.set_defaults(func=cmd_map)
 
 
@@ -652,6 +659,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         truth=args.truth,
         progress=sys.stderr.isatty(),
+        amp=args.amp,
     )
     rows, cols = summary["grid"]
     where = summary["crs"] or "no georeference: pixel coordinates"

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from rsscene.data.images import ImageError, is_image_file
 from rsscene.data.transforms import tta_logits
+from rsscene.engine.device import autocast
 from rsscene.models import load_model
 
 
@@ -73,9 +74,17 @@ class Predictor:
         return self.pre.input(torch.stack(images).to(self.device))
 
     @torch.inference_mode()
-    def probabilities(self, images: list[Tensor], tta: bool = False) -> Tensor:
+    def probabilities(
+        self, images: list[Tensor], tta: bool = False, amp: torch.dtype | None = None
+    ) -> Tensor:
+        """Class probabilities, in float32 unless ``amp`` names a faster dtype (then in
+        channels_last too, the layout the reduced-precision kernels want)."""
         x = self.prepare(images)
-        logits = tta_logits(self.model, x) if tta else self.model(x)
+        if amp is not None:
+            self.model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, amp):
+            logits = tta_logits(self.model, x) if tta else self.model(x)
         return logits.float().softmax(1).cpu()
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:

@@ -12,9 +12,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rsscene.engine.device import amp_dtype
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping import outputs
@@ -72,6 +76,7 @@ def map_scene(
     progress: bool = False,
     max_pixels: int | None = None,
     max_windows: int | None = None,
+    amp: str = "off",
 ) -> dict[str, Any]:
     """Map ``scene_path`` with ``predictor``'s model into ``out``; returns the summary.
 
@@ -88,11 +93,16 @@ def map_scene(
                 f"{scene.path}: {windows:,} windows of {grid.tile} px every {grid.stride} px;"
                 f" the limit is {max_windows:,} (use a larger tile or stride)"
             )
-        result = predict_scene(predictor, scene, grid, batch_size, tta, progress)
+        dtype = amp_dtype(amp, predictor.device)
+        started = time.perf_counter()
+        result = predict_scene(predictor, scene, grid, batch_size, tta, progress, dtype)
+        predicting = time.perf_counter() - started
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         summary = outputs.summarize(scene, result)
         summary["checkpoint"] = str(predictor.source)
+        summary["precision"] = str(dtype or torch.float32).removeprefix("torch.")
+        summary["predict_seconds"] = round(predicting, 3)
         if truth is not None:
             summary["truth"] = tile_accuracy(result, truth)
         files = [outputs.write_class_raster(out, scene, result)]

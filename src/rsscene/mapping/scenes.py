@@ -75,6 +75,9 @@ def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
     if not path.is_file():
         raise ImageError(str(path), "no such file" if not path.exists() else "is a directory")
     if path.suffix.lower() in RASTER_SUFFIXES:
+        # GDAL caches decoded blocks up to 5% of the machine's memory by default: a map reads
+        # each block once or twice, so a small cache keeps its memory bounded on any scene.
+        os.environ.setdefault("GDAL_CACHEMAX", "64")
         try:
             import rasterio
         except ModuleNotFoundError:

@@ -123,8 +123,10 @@ def predict_scene(
     batch_size: int = 64,
     tta: bool = False,
     progress: bool = False,
+    amp: torch.dtype | None = None,
 ) -> MapResult:
-    """Predict every window in batches, reading the next batch while the model runs."""
+    """Predict every window in batches, reading the next batch while the model runs; in
+    ``amp`` precision when given (float32 otherwise, as ``predict``)."""
     k = len(predictor.classes)
     if k >= NODATA_CLASS:
         raise UserError(f"a map holds at most {NODATA_CLASS - 1} classes; the model has {k}")
@@ -149,7 +151,7 @@ def predict_scene(
             if n + 1 < len(batches):
                 pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
             if len(kept):
-                probs = predictor.probabilities(images, tta=tta).numpy()
+                probs = predictor.probabilities(images, tta=tta, amp=amp).numpy()
                 span = grid.span
                 for (i, j), p in zip(kept, probs, strict=True):
                     result.prob_sum[i : i + span, j : j + span] += p
