@@ -61,9 +61,9 @@ def test_map_benchmark_tiny(tmp_path):
     pytest.importorskip("rasterio", reason="the map benchmark writes a GeoTIFF (geo extra)")
     script = Path(__file__).parents[1] / "benchmarks" / "map.py"
     out = tmp_path / "map.json"
+    tiny = ["--size", "600", "--tile", "200", "--img-size", "32", "--loop-tiles", "3"]
     done = subprocess.run(
-        [sys.executable, str(script), "--size", "600", "--tile", "200", "--img-size", "32"]
-        + ["--loop-tiles", "3", "--json", str(out)],
+        [sys.executable, str(script), *tiny, "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=600,
