@@ -296,3 +296,17 @@ def test_probabilities_without_rasterio_is_one_line(
     argv = ["map", str(model), str(png), "--out", str(tmp_path / "out"), "--probabilities"]
     assert main(argv) == 2
     assert 'pip install "rsscene[geo]"' in capsys.readouterr().err
+
+
+def test_nan_in_a_float_scene_is_nodata(tmp_path: Path) -> None:
+    pixels = np.random.default_rng(0).random((4, 64, 96), dtype=np.float32)
+    pixels[:, :, :32] = np.nan  # a float raster's usual nodata, though the file does not say so
+    pixels[:, 5, 40] = np.nan  # one stray pixel: filled with its window's band mean
+    path = geotiff(tmp_path / "s.tif", pixels)
+    model = band_model(tmp_path / "m.pt", [1, 2, 3, 4], 4, "float32")
+    out = tmp_path / "out"
+    assert main(["map", str(model), str(path), "--out", str(out), "--tile", "32"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["windows"], summary["windows_skipped_nodata"]) == (4, 2)
+    probs = [float(r["probability"]) for r in cells(out) if r["class"] != "nodata"]
+    assert len(probs) == 4 and all(0 < p <= 1 for p in probs)

@@ -488,13 +488,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- cam
 def show_bands(text: str) -> list[int]:
     """Three 1-based band indexes, ``R,G,B`` (an argparse type)."""
+    from rsscene.data.bands import parse_display
+
     try:
-        bands = [int(part) for part in text.split(",")]
-    except ValueError:
-        bands = []
-    if len(bands) != 3 or min(bands) < 1:
-        raise argparse.ArgumentTypeError(f"expected three 1-based band indexes R,G,B, got {text}")
-    return bands
+        return parse_display(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_cam(sub: argparse._SubParsersAction) -> None:

@@ -61,7 +61,6 @@ class Predictor:
         self.classes: list[str] = list(self.ckpt.class_names)
         self.pre = self.ckpt.preprocess
         self.size: int = self.pre.size
-        self.normalize: bool = self.pre.normalize
         self.device = torch.device(device)
         self.model.to(self.device)
 

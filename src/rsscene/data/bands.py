@@ -48,6 +48,17 @@ def parse_band_spec(text: str) -> str:
     return ",".join(parts)
 
 
+def parse_display(text: str) -> list[int]:
+    """Three 1-based band indexes ``R,G,B``: the bands an image is drawn with."""
+    try:
+        bands = [int(part) for part in str(text).split(",")]
+    except ValueError:
+        bands = []
+    if len(bands) != 3 or min(bands) < 1:
+        raise ValueError(f"expected three 1-based band indexes R,G,B, got {text}")
+    return bands
+
+
 def resolve_bands(spec: str, raster: Raster, label: str) -> tuple[BandPick, list[str]]:
     """The bands ``spec`` selects in files like ``raster`` (read from ``label``), and their
     names (the file's descriptions, else ``band N``)."""

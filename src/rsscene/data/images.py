@@ -249,7 +249,7 @@ def _check_tiff_page(page, label: str, max_pixels: int) -> None:
         )
 
 
-def _finite(array: np.ndarray, label: str) -> np.ndarray:
+def finite_bands(array: np.ndarray, label: str) -> np.ndarray:
     """Float bands: refused when no value is finite; NaN/Inf (nodata) elsewhere become the
     band's mean, which standardises to 0."""
     bad = ~np.isfinite(array)
@@ -288,7 +288,7 @@ def _read_tiff(source: str | Path | bytes, label: str, max_pixels: int) -> Raste
         names = _gdal_names(page, array.shape[0])
     array = np.ascontiguousarray(array)
     if array.dtype.kind == "f":
-        array = _finite(array, label)
+        array = finite_bands(array, label)
     return Raster(array, names)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from rsscene.data.bands import Preprocess
-from rsscene.data.images import ImageError, Raster, read_image, resize_bands
+from rsscene.data.images import ImageError, Raster, finite_bands, read_image, resize_bands
 
 MAX_DECODED_PIXELS = int(os.environ.get("RSSCENE_MAP_MAX_PIXELS", 250_000_000))
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
@@ -135,14 +135,14 @@ def check_bands(scene: Scene, pre: Preprocess) -> None:
 
 
 def window_image(pixels: np.ndarray, pre: Preprocess, label: str) -> torch.Tensor:
-    """A window as the model reads a file: its bands (8-bit RGB for an RGB model) at the
-    model's size, in the data's dtype; non-finite values become the band's training mean."""
+    """A window as the model reads the same pixels saved as a file: its bands (8-bit RGB for
+    an RGB model) at the model's size, in the data's dtype; non-finite values become the
+    window's band mean, as :func:`~rsscene.data.images.finite_bands` does for a file."""
+    if pixels.dtype.kind == "f":
+        pixels = finite_bands(pixels, label)
     if pre.pick is None:
         return resize_bands(torch.from_numpy(np.ascontiguousarray(as_rgb8(pixels))), pre.size)
     bands = pre.pick.take(Raster(pixels), label)
-    if bands.dtype.kind == "f" and not np.isfinite(bands).all():
-        fill = np.asarray(pre.mean or [0.0] * len(bands), dtype=bands.dtype) * pre.scale
-        bands = np.where(np.isfinite(bands), bands, fill[:, None, None])
     return resize_bands(torch.from_numpy(np.ascontiguousarray(bands)), pre.size)
 
 

@@ -109,6 +109,8 @@ def _read_batch(
     images, kept = [], []
     for i, j in cells:
         pixels, valid = scene.read(j * grid.stride, i * grid.stride, grid.tile, grid.tile)
+        if pixels.dtype.kind == "f":  # NaN is nodata too, whether or not the file says so
+            valid = valid & np.isfinite(pixels).all(0)
         if 1.0 - valid.mean() > MAX_NODATA_SHARE:
             continue
         images.append(window_image(pixels, pre, str(scene.path)))

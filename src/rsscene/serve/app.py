@@ -57,7 +57,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
-from rsscene.data.bands import Preprocess, render_rgb
+from rsscene.data.bands import Preprocess, parse_display, render_rgb
 from rsscene.data.images import ImageError, image_size
 from rsscene.errors import UserError
 from rsscene.explain import class_index, explain, image_png, overlay_png
@@ -326,9 +326,9 @@ def shown_as(pre: Preprocess, show: str | None) -> Preprocess:
     if not show:
         return pre
     try:
-        display = [int(b) for b in show.split(",")]
-    except ValueError:
-        raise UserError(f"show={show}: expected three 1-based band indexes R,G,B") from None
+        display = parse_display(show)
+    except ValueError as e:
+        raise UserError(f"show={show}: {e}") from None
     pre = dataclasses.replace(pre, display=display)
     pre.display_bands()
     return pre
