@@ -101,9 +101,9 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, limit: float
         time.sleep(0.05)
 
 
-def kill_rank_when(cmd: list[str], condition: Callable[[], bool], rank: int = 1) -> tuple[int, str]:
-    """Start ``cmd``, SIGKILL its rank ``rank`` once ``condition`` holds; (exit status, output)."""
-    proc = subprocess.Popen(
+def spawn(cmd: list[str]) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group (so that it can be killed whole), output piped."""
+    return subprocess.Popen(
         cmd,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -111,6 +111,11 @@ def kill_rank_when(cmd: list[str], condition: Callable[[], bool], rank: int = 1)
         text=True,
         start_new_session=True,
     )
+
+
+def kill_rank_when(cmd: list[str], condition: Callable[[], bool], rank: int = 1) -> tuple[int, str]:
+    """Start ``cmd``, SIGKILL its rank ``rank`` once ``condition`` holds; (exit status, output)."""
+    proc = spawn(cmd)
     try:
         wait_for(condition, proc)
         os.kill(worker(proc.pid, rank), signal.SIGKILL)
@@ -271,14 +276,7 @@ def test_sigterm_to_torchrun_saves_and_prints_the_resume_command(
 ) -> None:
     out = tmp_path / "run"
     cmd = torchrun(split, *TINY, "--epochs", "50", "--batch-size", "2", "--out", out)
-    proc = subprocess.Popen(
-        cmd,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = spawn(cmd)
     try:
         wait_for((out / "last.pt").is_file, proc)  # epoch 1 saved: now in epoch 2 or later
         saved = checkpoint.load(out / "last.pt").next_epoch
