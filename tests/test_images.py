@@ -342,14 +342,20 @@ def test_evaluate_reports_and_counts_skipped_files(mixed: Path, tmp_path: Path, 
     assert "none of its 8 images could be read" in err and len(err.splitlines()) == 1
 
 
-def test_a_file_corrupted_after_prepare_is_replaced_in_training(
-    tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
-) -> None:
+def split_with_a_file_broken_after_prepare(tmp_path: Path) -> tuple[Path, Path]:
+    """A split of 8 training and 4 test images, one training image truncated since."""
     generate(tmp_path / "raw", per_class=6, size=32, classes=["airplane", "ship"])
     data = tmp_path / "data"
     prepare(tmp_path / "raw", data, train_per_class=4, test_per_class=2)
     bad = sorted((data / "train" / "ship").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:100])  # truncated after prepare checked it
+    return data, bad
+
+
+def test_a_file_corrupted_after_prepare_is_replaced_in_training(
+    tmp_path: Path, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, bad = split_with_a_file_broken_after_prepare(tmp_path)
     flags = ["--epochs", "1", "--batch-size", "4", "--img-size", "32", "--eval-size", "32"]
     flags += ["--cache", "none", "--workers", "0", "--device", "cpu", "--amp", "off"]
     with caplog.at_level(logging.WARNING, logger="rsscene"):
@@ -370,11 +376,7 @@ def test_a_file_corrupted_after_prepare_is_replaced_in_training(
 def test_strict_training_stops_on_an_unreadable_file_with_either_cache(
     cache: str, tmp_path: Path, capsys
 ) -> None:
-    generate(tmp_path / "raw", per_class=6, size=32, classes=["airplane", "ship"])
-    data = tmp_path / "data"
-    prepare(tmp_path / "raw", data, train_per_class=4, test_per_class=2)
-    bad = sorted((data / "train" / "ship").iterdir())[0]
-    bad.write_bytes(bad.read_bytes()[:100])  # truncated after prepare checked it
+    data, bad = split_with_a_file_broken_after_prepare(tmp_path)
     flags = ["--epochs", "1", "--batch-size", "4", "--img-size", "32", "--eval-size", "32"]
     flags += ["--cache", cache, "--workers", "0", "--device", "cpu", "--amp", "off"]
     out = tmp_path / "run"

@@ -76,11 +76,11 @@ class Predictor:
     def probabilities(
         self, images: list[Tensor], tta: bool = False, amp: torch.dtype | None = None
     ) -> Tensor:
-        """Class probabilities, in float32 unless ``amp`` names a faster dtype (then in
-        channels_last too, the layout the reduced-precision kernels want)."""
+        """Class probabilities, in float32 unless ``amp`` names a faster dtype (then the batch
+        is channels_last, the layout the reduced-precision kernels want; convert the model
+        once with ``model.to(memory_format=torch.channels_last)`` to match)."""
         x = self.prepare(images)
         if amp is not None:
-            self.model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, amp):
             logits = tta_logits(self.model, x) if tta else self.model(x)

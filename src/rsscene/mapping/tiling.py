@@ -143,6 +143,8 @@ def predict_scene(
         np.zeros((grid.rows, grid.cols, k), np.float32),
         np.zeros((grid.rows, grid.cols), np.uint32),
     )
+    if amp is not None:
+        predictor.model.to(memory_format=torch.channels_last)  # once, not per batch
     order = list(grid.windows())
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     bar = tqdm(total=len(order), unit="tile", disable=not progress, desc="map")
