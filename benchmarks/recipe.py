@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, help="override both recipes' sizes (smoke tests)")
     parser.add_argument("--skip-tutorial", action="store_true", help="default recipe only")
     parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="both recipes evaluate every K epochs and at the last (default 1: every epoch)",
+    )
+    parser.add_argument(
         "--ablation",
         nargs="*",
         choices=sorted(ABLATIONS),
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep runs here (default: a temp folder)")
     args = parser.parse_args(argv)
 
-    common: dict = {"arch": args.arch}
+    common: dict = {"arch": args.arch, "eval_every": args.eval_every}
     if args.epochs:
         common["epochs"] = args.epochs
     if args.img_size:

@@ -219,3 +219,21 @@ def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: 
     assert "validation" in report["best"]["note"]
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert rows[0]["val_acc"] != ""
+
+
+def test_eval_every_skips_evaluations_but_not_the_last_or_the_weights(
+    split: Path, tmp_path: Path
+) -> None:
+    quiet = {"log": lambda *_: None}
+    every = tmp_path / "every"
+    Trainer.from_config(tiny_config(split, every, epochs=3), **quiet).fit()
+    sparse = tmp_path / "sparse"
+    Trainer.from_config(tiny_config(split, sparse, epochs=3, eval_every=2), **quiet).fit()
+    rows = list(csv.DictReader((sparse / "metrics.csv").open()))
+    assert [r["test_acc"] != "" for r in rows] == [False, True, True]
+    full = list(csv.DictReader((every / "metrics.csv").open()))
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full]
+    assert rows[-1]["test_acc"] == full[-1]["test_acc"]
+    assert checkpoint.load(sparse / "best.pt").next_epoch in (2, 3)
+    a, b = checkpoint.load(every / "last.pt").model, checkpoint.load(sparse / "last.pt").model
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -162,6 +162,13 @@ class TrainConfig:
     normalize: bool = setting(True, "standardise inputs (ImageNet mean/std, or the bands')")
     zero_init_residual: bool = setting(True, "start each residual branch at zero")
     ema: float = setting(0.0, "EMA of weights (0 = off)", metavar="DECAY")
+    eval_every: int = setting(
+        1,
+        "evaluate the held-out splits every K epochs (the last epoch always); best.pt is"
+        " chosen among the evaluated epochs",
+        parse=positive_int,
+        metavar="K",
+    )
     seed: int = setting(0, "seed of every random draw")
     workers: int | None = setting(help="decoding processes (default: the CPUs, up to 8)")
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")

@@ -15,12 +15,13 @@ import numpy as np
 
 def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train and test, side by side."""
-    epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for key, label in (("train_loss", "train"), ("test_loss", "test")):
-        ax_loss.plot(epochs, [h[key] for h in history], marker=".", label=label)
-    for key, label in (("train_acc", "train"), ("test_acc", "test")):
-        ax_acc.plot(epochs, [100 * h[key] for h in history], marker=".", label=label)
+    for ax, kind, scale in ((ax_loss, "loss", 1), (ax_acc, "acc", 100)):
+        for part in ("train", "test"):
+            # With --eval-every the test columns are empty between evaluations.
+            rows = [h for h in history if h[f"{part}_{kind}"] != ""]
+            values = [scale * h[f"{part}_{kind}"] for h in rows]
+            ax.plot([h["epoch"] for h in rows], values, marker=".", label=part)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="Accuracy")
     for ax in (ax_loss, ax_acc):

@@ -508,26 +508,36 @@ class Trainer:
     def end_epoch(self, epoch: int, sums: dict[str, float]) -> dict[str, Any]:
         """Evaluate, log the epoch's row, choose best, save ``last.pt`` (and ``best.pt``)."""
         self.dist.sync_buffers(self.net, *([self.ema] if self.ema is not None else []))
-        self._results = {name: self.evaluate(loader) for name, loader in self.data.held_out.items()}
-        test, val = self._results["test"][0], self._results.get("val", ({}, None))[0]
+        evaluated = (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs
+        held_out = self.data.held_out.items() if evaluated else ()
+        self._results = {name: self.evaluate(loader) for name, loader in held_out}
+        test, val = (
+            self._results.get("test", ({}, None))[0],
+            self._results.get("val", ({}, None))[0],
+        )
         seen = max(sums["seen"], 1)
         row = {
             "epoch": epoch + 1,
             "train_loss": round(sums["loss_sum"] / seen, 5),
             "train_acc": round(sums["correct"] / seen, 5),
-            "test_loss": round(test["loss"], 5),
-            "test_acc": round(test["accuracy"], 5),
-            "test_aa": round(test["average_accuracy"], 5),
-            "test_kappa": round(test["kappa"], 5),
-            "val_acc": round(val["accuracy"], 5) if val else "",
+            **{
+                column: round(part[key], 5) if part else ""
+                for column, part, key in (
+                    ("test_loss", test, "loss"),
+                    ("test_acc", test, "accuracy"),
+                    ("test_aa", test, "average_accuracy"),
+                    ("test_kappa", test, "kappa"),
+                    ("val_acc", val, "accuracy"),
+                )
+            },
             "lr": f"{self.scheduler.get_last_lr()[0]:.6g}",
             "images_per_s": round(sums["images_per_s"], 1),
             "seconds": round(sums["seconds"], 2),
         }
         self.state.history.append(row)
         self.state.next_epoch, self.state.next_step, self.state.partial = epoch + 1, 0, {}
-        selected = self._results[self.select][0]["accuracy"]
-        improved = not self.state.best or selected > self.state.best["accuracy"]
+        selected = self._results[self.select][0]["accuracy"] if evaluated else None
+        improved = evaluated and (not self.state.best or selected > self.state.best["accuracy"])
         if improved:
             self.state.best = {"epoch": epoch + 1, "accuracy": selected, "split": self.select}
         if self.dist.main:
@@ -537,11 +547,14 @@ class Trainer:
                 # resumed from last.pt.
                 self.save("best.pt", resumable=False)
             self.run_log.epoch(self.state.history)
-            val_acc = f" val_acc {row['val_acc']:.4f}" if val else ""
+            held = "".join(
+                f" {key} {row[key]:.4f}"
+                for key in ("test_loss", "test_acc", "val_acc")
+                if row[key] != ""
+            )
             self.log(
                 f"epoch {epoch + 1}/{self.cfg.epochs} train_loss {row['train_loss']:.4f}"
-                f" train_acc {row['train_acc']:.4f} test_loss {row['test_loss']:.4f}"
-                f" test_acc {row['test_acc']:.4f}{val_acc} lr {row['lr']}"
+                f" train_acc {row['train_acc']:.4f}{held} lr {row['lr']}"
                 f" {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s"
             )
         self.dist.barrier()
