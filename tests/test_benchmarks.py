@@ -72,3 +72,57 @@ def test_map_benchmark_tiny(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [r["tiles"] for r in runs.values()] == [3, 9, 9]
     assert all(r["peak_rss_mib"] > 0 and r["predict"] > 0 for r in runs.values())
+
+
+def test_peer_benchmark_tiny(tmp_path, scenes):
+    pytest.importorskip("timm", reason="the peer benchmark trains timm's recipe (peer extra)")
+    out = tmp_path / "peer.json"
+    argv = ["--data", str(scenes), "--epochs", "2", "--img-size", "32", "--workers", "0"]
+    argv += [
+        "--recipes",
+        "timm",
+        "default",
+        "--json",
+        str(out),
+        "--figure",
+        str(tmp_path / "f.png"),
+    ]
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "peer.py"), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("| timm") or line.startswith("| rsscene")
+    ]
+    assert [r.split("|")[1].strip() for r in rows] == ["timm train.py recipe", "rsscene default"]
+    results = json.loads(out.read_text())
+    for r in results.values():
+        assert [e["epoch"] for e in r["epochs"]] == [1, 2]
+        assert all(0 <= e["test_acc"] <= 1 and e["seconds"] > 0 for e in r["epochs"])
+        assert r["wall_seconds"] > r["train_seconds"] > 0
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_step_and_epoch_end_benchmarks_tiny():
+    step = ["--img-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1"]
+    epoch_end = ["--epochs", "2", "--train", "10", "--test", "20", "--img-size", "32"]
+    for script, argv, rows in (
+        ("step.py", [*step, "--no-compile"], 4),
+        ("epoch_end.py", [*epoch_end, "--eval-every", "2"], 3),
+    ):
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT.parent / script), *argv],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        table = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
+        assert len(table) == rows, done.stdout
+        ratios = [float(line.split("|")[-2 if script == "epoch_end.py" else 3]) for line in table]
+        assert ratios[0] == 1.0 and all(r > 0 for r in ratios)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -154,3 +155,23 @@ def test_engine_functions_stay_short_and_train_holds_the_trainer_alone() -> None
         if isinstance(n, ast.ClassDef | ast.FunctionDef) and not n.name.startswith("_")
     ]
     assert public == ["Trainer"]
+
+
+def test_background_writes_keep_their_order_and_raise_a_failure_at_the_next_call() -> None:
+    from rsscene.engine.runstate import BackgroundWrites
+
+    done: list[int] = []
+    writes = BackgroundWrites()
+    for i in range(3):
+        writes.submit(lambda i=i: (time.sleep(0.05 * (3 - i)), done.append(i)))
+    writes.wait()
+    assert done == [0, 1, 2]
+
+    def fail() -> None:
+        raise OSError(28, "No space left on device")
+
+    writes.submit(fail)
+    with pytest.raises(OSError, match="No space left"):
+        writes.submit(lambda: done.append(3))
+    assert done == [0, 1, 2]
+    writes.wait()  # the failure was raised once

@@ -5,17 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 
 def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
     """Loss and accuracy per epoch, train and test, side by side."""
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    # Figures without pyplot: no display needed, and safe in the Trainer's writes thread.
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     for ax, kind, scale in ((ax_loss, "loss", 1), (ax_acc, "acc", 100)):
         for part in ("train", "test"):
             # With --eval-every the test columns are empty between evaluations.
@@ -29,7 +27,6 @@ def plot_curves(history: Sequence[dict], path: str | Path) -> Path:
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)
 
 
@@ -44,7 +41,8 @@ def plot_confusion(
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(classes)
     side = max(4.0, 0.55 * n + 2)
-    fig, ax = plt.subplots(figsize=(side + 1, side))
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -64,5 +62,4 @@ def plot_confusion(
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)

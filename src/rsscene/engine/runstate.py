@@ -1,11 +1,14 @@
 """Run state and resume: what changes while training, which data a run was trained on, whether
-a checkpoint can continue this run, and the configuration a resume continues with."""
+a checkpoint can continue this run, the configuration a resume continues with, and the
+background writes that save it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,3 +120,28 @@ def resume_config(run: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     if effective % distributed.world_size() == 0:
         saved["batch_size"] = effective // distributed.world_size()
     return from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class BackgroundWrites:
+    """The end of an epoch's files (last.pt, best.pt, metrics.csv, curves.png), written in one
+    background thread while the next epoch trains: ResNet-18's last.pt with AdamW's moments is
+    about 135 MB to serialise, hash and fsync. Writes run in order, at most one epoch's at a
+    time; a failed write is raised by the next :meth:`submit` or :meth:`wait`. Each file is
+    still replaced atomically, so a run killed mid-write resumes from the epoch before.
+    ``threaded=False`` writes in the caller instead, as ``benchmarks/epoch_end.py`` compares."""
+
+    def __init__(self, threaded: bool = True) -> None:
+        self._pool = ThreadPoolExecutor(1, "rsscene-writes") if threaded else None
+        self._pending: Future | None = None
+
+    def submit(self, write: Callable[[], None]) -> None:
+        self.wait()
+        if self._pool is None:
+            write()
+        else:
+            self._pending = self._pool.submit(write)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()

@@ -16,6 +16,7 @@ by (seed, epoch, step, rank), so a run resumed from any step reproduces the unin
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import signal
@@ -132,6 +133,7 @@ class Trainer:
         self._owns_process_group = False
         self._results: dict[str, tuple[dict[str, Any], Predictions]] = {}
         self._log: loggers.RunLog | None = None
+        self.writes = runstate.BackgroundWrites()
 
     @classmethod
     def from_config(
@@ -340,8 +342,10 @@ class Trainer:
         try:
             for epoch in range(self.state.next_epoch, self.cfg.epochs):
                 self.end_epoch(epoch, self.train_epoch(epoch))
+            self.writes.wait()
             return self._finish()
         except Exception as e:
+            self.writes.wait()
             self._say_where_to_continue(e)
             raise
         finally:
@@ -486,6 +490,7 @@ class Trainer:
         }
 
     def _diverged(self, epoch: int, step: int) -> Diverged:
+        self.writes.wait()
         last = self.run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
         return Diverged(
@@ -496,6 +501,7 @@ class Trainer:
     def _interrupt(self, epoch: int, step: int) -> None:
         signum = self.stop_signal or signal.SIGINT
         if self.dist.main:
+            self.writes.wait()
             self.save("last.pt")  # metrics.csv already holds every finished epoch
         self.dist.barrier()
         name = signal.Signals(signum).name
@@ -541,12 +547,7 @@ class Trainer:
         if improved:
             self.state.best = {"epoch": epoch + 1, "accuracy": selected, "split": self.select}
         if self.dist.main:
-            self.save("last.pt")
-            if improved:
-                # Weights only: a third of the size with AdamW's two moments, and a run is
-                # resumed from last.pt.
-                self.save("best.pt", resumable=False)
-            self.run_log.epoch(self.state.history)
+            self._write_epoch(improved)
             held = "".join(
                 f" {key} {row[key]:.4f}"
                 for key in ("test_loss", "test_acc", "val_acc")
@@ -559,6 +560,22 @@ class Trainer:
             )
         self.dist.barrier()
         return row
+
+    def _write_epoch(self, improved: bool) -> None:
+        """Hand this epoch's files to the background writes, from a copy of the state: the
+        next steps change the weights and AdamW's moments in place."""
+        last = copy.deepcopy(self.checkpoint())
+        # best.pt holds weights only: a third of the size, and a run is resumed from last.pt.
+        best = dataclasses.replace(last, state=None) if improved else None
+        history, run_log = list(self.state.history), self.run_log
+
+        def write() -> None:
+            checkpoint.save(last, self.run_dir / "last.pt")
+            if best is not None:
+                checkpoint.save(best, self.run_dir / "best.pt")
+            run_log.epoch(history)
+
+        self.writes.submit(write)
 
     # ----------------------------------------------------------------------- evaluation
     def evaluate(
