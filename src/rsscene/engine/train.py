@@ -349,6 +349,7 @@ class Trainer:
             self._say_where_to_continue(e)
             raise
         finally:
+            self.writes.wait()  # also after a second Ctrl-C, before the log is closed
             for s, h in handlers.items():
                 signal.signal(s, h)
             if self._log is not None:
