@@ -32,8 +32,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets
 
+from recipe import split_once  # benchmarks/recipe.py: the same split as the README's
 from rsscene.config import build
-from rsscene.data.prepare import prepare
 from rsscene.engine.device import amp_dtype, autocast, default_workers, select_device
 from rsscene.engine.train import Trainer
 
@@ -76,15 +76,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="every epoch of every recipe")
     p.add_argument("--workdir", type=Path, help="keep the split and runs (default: temp)")
     return p.parse_args(argv)
-
-
-def as_split(data: Path, workdir: Path) -> Path:
-    if (data / "train").is_dir():
-        return data
-    dst = workdir / "split"
-    if not (dst / "split.json").is_file():
-        prepare(data, dst, test_ratio=0.1, seed=0, mode="symlink", force=True)
-    return dst
 
 
 def run_timm(split: Path, args: argparse.Namespace, out: Path) -> list[dict]:
@@ -206,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
-        split = as_split(args.data, workdir)
+        split = split_once(args.data, workdir)
         for name in args.recipes:
             start = time.perf_counter()
             out = workdir / name

@@ -9,7 +9,19 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "throughput.py"
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, argv: list[str]) -> str:
+    """Run ``benchmarks/SCRIPT`` with ``argv``; returns its stdout once it exits with 0."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
 
 
 def test_throughput_tiny(tmp_path):
@@ -17,14 +29,8 @@ def test_throughput_tiny(tmp_path):
     # One thread: on a shared CPU, threads waiting for each other cost more than they add.
     tiny = "--steps 2 --warmup 1 --img-size 32 --batch-size 4 --scene-size 48 --workers 0"
     tiny += " --device cpu --threads 1"
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), *tiny.split(), "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    table = [line for line in done.stdout.splitlines() if line.startswith("| (")]
+    stdout = run_benchmark("throughput.py", [*tiny.split(), "--json", str(out)])
+    table = [line for line in stdout.splitlines() if line.startswith("| (")]
     assert [line.split("|")[1].strip() for line in table] == [
         "(a) tutorial",
         "(b) torchvision reference",
@@ -44,14 +50,8 @@ def test_imbalance_benchmark_tiny(tmp_path):
     out = tmp_path / "result.json"
     argv = ["--epochs", "1", "--seeds", "1", "--img-size", "32", "--train-counts", "8", "4"]
     argv += ["--test-per-class", "4", "--workdir", str(tmp_path), "--json", str(out)]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "imbalance.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "| --class-weights balanced |" in done.stdout
+    stdout = run_benchmark("imbalance.py", argv)
+    assert "| --class-weights balanced |" in stdout
     results = json.loads(out.read_text())
     assert list(results) == ["none", "--class-weights balanced", "--sampler balanced"]
     assert all(r[0]["images"] == {"train": 12, "test": 8} for r in results.values())
@@ -59,16 +59,9 @@ def test_imbalance_benchmark_tiny(tmp_path):
 
 def test_map_benchmark_tiny(tmp_path):
     pytest.importorskip("rasterio", reason="the map benchmark writes a GeoTIFF (geo extra)")
-    script = Path(__file__).parents[1] / "benchmarks" / "map.py"
     out = tmp_path / "map.json"
     tiny = ["--size", "600", "--tile", "200", "--img-size", "32", "--loop-tiles", "3"]
-    done = subprocess.run(
-        [sys.executable, str(script), *tiny, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_benchmark("map.py", [*tiny, "--json", str(out)])
     runs = json.loads(out.read_text())["runs"]
     assert [r["tiles"] for r in runs.values()] == [3, 9, 9]
     assert all(r["peak_rss_mib"] > 0 and r["predict"] > 0 for r in runs.values())
@@ -87,16 +80,10 @@ def test_peer_benchmark_tiny(tmp_path, scenes):
         "--figure",
         str(tmp_path / "f.png"),
     ]
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "peer.py"), *argv],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    stdout = run_benchmark("peer.py", argv)
     rows = [
         line
-        for line in done.stdout.splitlines()
+        for line in stdout.splitlines()
         if line.startswith("| timm") or line.startswith("| rsscene")
     ]
     assert [r.split("|")[1].strip() for r in rows] == ["timm train.py recipe", "rsscene default"]
@@ -115,14 +102,8 @@ def test_step_and_epoch_end_benchmarks_tiny():
         ("step.py", [*step, "--no-compile"], 4),
         ("epoch_end.py", [*epoch_end, "--eval-every", "2"], 3),
     ):
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT.parent / script), *argv],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
-        table = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]
-        assert len(table) == rows, done.stdout
+        stdout = run_benchmark(script, argv)
+        table = [line for line in stdout.splitlines() if line.startswith("| ")][1:]
+        assert len(table) == rows, stdout
         ratios = [float(line.split("|")[-2 if script == "epoch_end.py" else 3]) for line in table]
         assert ratios[0] == 1.0 and all(r > 0 for r in ratios)
