@@ -107,3 +107,21 @@ def test_step_and_epoch_end_benchmarks_tiny():
         assert len(table) == rows, stdout
         ratios = [float(line.split("|")[-2 if script == "epoch_end.py" else 3]) for line in table]
         assert ratios[0] == 1.0 and all(r > 0 for r in ratios)
+
+
+def test_candidates_benchmark_reports_validation_not_test(tmp_path, scenes):
+    from rsscene.data.synthetic import generate
+
+    other = tmp_path / "other"
+    generate(other, per_class=10, size=40, seed=1)
+    out = tmp_path / "select.json"
+    argv = ["--data", str(scenes), str(other), "--candidates", "default", "epochs-30-ema"]
+    argv += ["--epochs", "1", "--img-size", "32", "--workdir", str(tmp_path / "w")]
+    stdout = run_benchmark("candidates.py", [*argv, "--json", str(out)])
+    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].split("|")[2:4] == [f" {scenes.name} ", " other "]
+    assert len(rows) == 3 and "test_acc" not in stdout and "test accuracy" not in stdout
+    results = json.loads(out.read_text())
+    for by_data in results.values():
+        for repeats in by_data.values():
+            assert all(0 <= r["val_oa"] <= 1 and r["images"]["val"] > 0 for r in repeats)

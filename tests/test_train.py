@@ -219,6 +219,10 @@ def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: 
     assert "validation" in report["best"]["note"]
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert rows[0]["val_acc"] != ""
+    # The final weights' validation accuracy, what benchmarks/candidates.py chooses by.
+    val = evaluate_checkpoint(tmp_path / "run" / "last.pt", split / "val")
+    assert report["val_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
+    assert report["val_accuracy"] == pytest.approx(float(rows[0]["val_acc"]), abs=1e-5)
 
 
 def test_eval_every_skips_evaluations_but_not_the_last_or_the_weights(

@@ -147,6 +147,7 @@ def run_repeat(
         "images": counts,
         **report["metrics"],
         "tta_oa": report["test_accuracy_tta"],
+        "val_oa": report["val_accuracy"],
         "seconds": round(spent + time.perf_counter() - started, 1),
         "train_seconds": report["train_seconds"],
         "split": str(split),

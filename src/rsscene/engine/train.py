@@ -605,6 +605,9 @@ class Trainer:
         # The last epoch's evaluation already saw these weights; a resumed finished run did not.
         final, preds = self._results.get("test") or self.evaluate(test)
         tta, _ = self.evaluate(test, tta=True)
+        val = None
+        if self.data.val is not None:
+            val = (self._results.get("val") or self.evaluate(self.data.val))[0]["accuracy"]
         best_note = (
             "best.pt is the epoch with the highest accuracy on the held-out validation split"
             if self.select == "val"
@@ -616,6 +619,8 @@ class Trainer:
             "test_accuracy": final["accuracy"],
             "test_accuracy_tta": tta["accuracy"],
             "metrics": headline(final),
+            # The final weights on the validation split: what a recipe is chosen by.
+            "val_accuracy": val,
             "best": {**self.state.best, "note": best_note},
             "epochs": self.cfg.epochs,
             "train_seconds": round(sum(float(r["seconds"]) for r in self.state.history), 2),

@@ -1,0 +1,118 @@
+"""Choose a recipe on the validation splits of several datasets, never on test accuracy.
+
+    python benchmarks/candidates.py --data ../shared/data/aid5 ../shared/data/siri12 \\
+        --candidates default epochs-30 epochs-30-ema --seeds 1 --workdir select-runs
+
+Each DATA, a raw one-folder-per-class dataset, is split once here (``rsscene prepare
+--test-ratio 0.1 --val-ratio 0.1 --seed 0``). Every candidate trains ``--seeds`` times on each
+split, as an ``rsscene bench`` (so a rerun with the same ``--workdir`` continues where it
+stopped), evaluating once, after its last epoch. The table gives the final weights' accuracy
+on each validation split, their mean over the datasets, and the training time against the
+default's. The test parts stay held out: their accuracy goes to the JSON for the record and
+is not printed, so that it cannot steer the choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from rsscene.bench import run_bench
+from rsscene.config import build
+from rsscene.data.prepare import prepare
+
+# Ways to reach the default's accuracy in less time (issue 20), each a change of settings.
+CANDIDATES = {
+    "default": ("the default (128 px, 55 epochs)", {}),
+    "epochs-40": ("40 epochs", {"epochs": 40}),
+    "epochs-30": ("30 epochs", {"epochs": 30}),
+    "epochs-30-ema": (
+        "30 epochs, EMA of the weights (decay 0.998 a step)",
+        {"epochs": 30, "ema": 0.998},
+    ),
+    "112px-40": ("112 px, 40 epochs", {"img_size": 112, "eval_size": 112, "epochs": 40}),
+    "96px-55": ("96 px, 55 epochs (0.56 of the pixels)", {"img_size": 96, "eval_size": 96}),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="raw class folders")
+    p.add_argument("--candidates", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
+    p.add_argument("--seeds", type=int, default=1, help="training seeds per candidate")
+    p.add_argument("--epochs", type=int, help="override every candidate's epochs (smoke tests)")
+    p.add_argument("--img-size", type=int, help="override every candidate's size (smoke tests)")
+    p.add_argument("--json", type=Path, help="write every repeat's numbers here")
+    p.add_argument("--workdir", type=Path, help="keep splits and runs here (default: temp)")
+    return p.parse_args(argv)
+
+
+def settings(name: str, args: argparse.Namespace) -> dict:
+    values = {**CANDIDATES[name][1], "eval_every": 10_000}
+    if args.epochs:
+        values["epochs"] = args.epochs
+    if args.img_size:
+        values.update(img_size=args.img_size, eval_size=args.img_size)
+    return values
+
+
+def progress(*parts: object) -> None:
+    """The bench's own lines only: the Trainer's would show test accuracy."""
+    line = " ".join(map(str, parts))
+    if line.startswith(("repeat ", "resuming ")):
+        print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results: dict[str, dict[str, list[dict]]] = {name: {} for name in args.candidates}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        for data in args.data:
+            split = workdir / data.name / "split"
+            if not (split / "split.json").is_file():
+                prepare(
+                    data, split, test_ratio=0.1, val_ratio=0.1, seed=0, mode="symlink",
+                    force=True,
+                )  # fmt: skip
+            for name in args.candidates:
+                out = workdir / data.name / name
+                cfg = build(settings(name, args))
+                record = run_bench(split, out, cfg, repeats=args.seeds, log=progress)
+                results[name][data.name] = record["repeats"]
+
+    names = [d.name for d in args.data]
+
+    def mean(name: str, key: str, data: str) -> float:
+        return statistics.fmean(r[key] for r in results[name][data])
+
+    base = "default" if "default" in results else None
+    print(
+        f"\nResNet-18; final weights' validation accuracy, mean over {args.seeds} seed(s);"
+        " training time excludes evaluation\n"
+    )
+    print(f"| candidate | {' | '.join(names)} | mean | training time | x default |")
+    print("|---|" + "---:|" * (len(names) + 3))
+    for name in results:
+        accs = [mean(name, "val_oa", d) for d in names]
+        seconds = statistics.fmean(mean(name, "train_seconds", d) for d in names)
+        ratio = "-"
+        if base:
+            base_seconds = statistics.fmean(mean(base, "train_seconds", d) for d in names)
+            ratio = f"{seconds / base_seconds:.2f}"
+        cells = [f"{100 * a:.1f}%" for a in accs]
+        print(
+            f"| {CANDIDATES[name][0]} | {' | '.join(cells)} | {100 * statistics.fmean(accs):.1f}%"
+            f" | {seconds / 60:.1f} min | {ratio} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
