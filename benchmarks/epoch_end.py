@@ -7,7 +7,7 @@ Three runs of the same training (same seed, same images, so the same weights), s
 side in this process:
 
 1. every epoch evaluated, last.pt/best.pt/metrics.csv/curves.png written before the next
-   epoch starts (rsscene before background writes);
+   epoch starts (as rsscene did before its background writes; no state copy is made);
 2. every epoch evaluated, the files written in the background while the next epoch trains
    (the default now);
 3. ``--eval-every K`` as well: the held-out split evaluated every K epochs and at the last.
@@ -28,7 +28,7 @@ import torch
 
 from rsscene.config import build
 from rsscene.data.prepare import prepare
-from rsscene.data.synthetic import generate
+from rsscene.data.synthetic import CLASSES, generate
 from rsscene.engine.runstate import BackgroundWrites
 from rsscene.engine.train import Trainer
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         raw, split = Path(tmp) / "raw", Path(tmp) / "split"
         total = args.train + args.test
-        generate(raw, per_class=total // 5, size=128, seed=0)
+        generate(raw, per_class=total // len(CLASSES), size=128, seed=0)
         prepare(raw, split, test_ratio=args.test / total, seed=0)
         results = {
             name: run(split, Path(tmp) / f"run{i}", args, threaded, every)

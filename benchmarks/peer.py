@@ -11,7 +11,7 @@ random interpolation, flips, colour jitter 0.4; test images resized by 1/crop_pc
 centre-cropped), optimizer (SGD, no weight decay on norm and bias), cosine schedule with
 warm-up, label smoothing, bf16 autocast where the CPU has it, channels_last, and a
 ``DataLoader`` with workers decoding every image every epoch. The loop is train.py's, reduced
-to one process.
+to one process (its CUDA-only prefetcher, which normalises on the GPU, is left out).
 
 Every recipe is evaluated on the test part after each epoch, for the curve; the x axis and
 the "training" column count only training time, so how often a recipe evaluates does not
@@ -34,7 +34,13 @@ from torchvision import datasets
 
 from recipe import split_once  # benchmarks/recipe.py: the same split as the README's
 from rsscene.config import build
-from rsscene.engine.device import amp_dtype, autocast, default_workers, select_device
+from rsscene.engine.device import (
+    amp_dtype,
+    autocast,
+    default_workers,
+    select_device,
+    synchronize,
+)
 from rsscene.engine.train import Trainer
 
 # The timm recipe measured in issue 20: ResNet-18 from scratch at 128 px, random resized
@@ -71,7 +77,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, help="override every recipe's epochs (smoke tests)")
     p.add_argument("--img-size", type=int, help="override every recipe's size (smoke tests)")
-    p.add_argument("--workers", type=int, default=default_workers(), help="timm's loader")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="timm's DataLoader workers (default: the CPUs, up to 8; train.py's -j is 4)",
+    )
     p.add_argument("--figure", type=Path, help="accuracy against training seconds (PNG)")
     p.add_argument("--json", type=Path, help="every epoch of every recipe")
     p.add_argument("--workdir", type=Path, help="keep the split and runs (default: temp)")
@@ -85,11 +96,16 @@ def run_timm(split: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     from timm.loss import LabelSmoothingCrossEntropy
     from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
+    from timm.utils import NativeScaler, random_seed
 
     hp = {**TIMM, **{k: v for k, v in (("epochs", args.epochs), ("img_size", args.img_size)) if v}}
-    torch.manual_seed(args.seed)
+    random_seed(args.seed)  # torch, numpy and random, as train.py seeds them
     device = select_device("auto")
     amp = amp_dtype("auto", device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py sets it
+    # train.py's loss scaler for float16 (bf16 needs none).
+    scaler = NativeScaler() if amp == torch.float16 else None
     classes = sorted(p.name for p in (split / "train").iterdir() if p.is_dir())
     model = timm.create_model("resnet18", pretrained=False, num_classes=len(classes))
     model = model.to(device, memory_format=torch.channels_last)
@@ -108,13 +124,12 @@ def run_timm(split: Path, args: argparse.Namespace, out: Path) -> list[dict]:
         "num_workers": args.workers,
         "persistent_workers": args.workers > 0,
     }
-    train = DataLoader(
-        datasets.ImageFolder(str(split / "train"), train_tf),
-        shuffle=True,
-        drop_last=True,
-        **loader_args,
-    )
-    test = DataLoader(datasets.ImageFolder(str(split / "test"), test_tf), **loader_args)
+    train_set = datasets.ImageFolder(str(split / "train"), train_tf)
+    test_set = datasets.ImageFolder(str(split / "test"), test_tf)
+    if test_set.classes != train_set.classes:
+        sys.exit(f"{split}: test/ has classes {test_set.classes}, train/ {train_set.classes}")
+    train = DataLoader(train_set, shuffle=True, drop_last=True, **loader_args)
+    test = DataLoader(test_set, **loader_args)
     optimizer = create_optimizer_v2(
         model, "sgd", lr=hp["lr"], weight_decay=hp["weight_decay"], momentum=hp["momentum"]
     )
@@ -135,9 +150,13 @@ def run_timm(split: Path, args: argparse.Namespace, out: Path) -> list[dict]:
             with autocast(device, amp):
                 loss = loss_fn(model(x), y.to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None:
+                scaler(loss, optimizer)
+            else:
+                loss.backward()
+                optimizer.step()
         scheduler.step(epoch + 1)
+        synchronize(device)
         seconds = time.perf_counter() - start
         rows.append({"epoch": epoch + 1, "seconds": seconds, "test_acc": accuracy(model, test)})
         print(f"timm epoch {epoch + 1}/{hp['epochs']}: {rows[-1]}", flush=True)

@@ -79,6 +79,11 @@ def test_a_bench_run_again_skips_its_finished_repeats(
     argv = [scenes, "--train-ratio", "0.5", "--repeats", "3", "--out", two_repeats, *TINY]
     assert bench(*argv, "--lr", "0.01") == 2
     assert "holds a bench run with other settings (lr differ)" in capsys.readouterr().err
+    # A bench written before a setting existed ran at its default: it continues.
+    record = json.loads((two_repeats / "bench.json").read_text())
+    del record["protocol"]["settings"]["eval_every"]
+    (two_repeats / "bench.json").write_text(json.dumps(record))
+    assert bench(*argv) == 0
 
 
 def test_a_repeat_stopped_mid_training_resumes_from_its_checkpoint(

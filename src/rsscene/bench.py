@@ -76,11 +76,14 @@ def _open(out: Path, wanted: dict[str, Any]) -> None:
             raise UserError(
                 f"{record}: not a bench record (damaged?); choose another --out"
             ) from None
+        # A setting added since that bench was written ran at its default there.
+        defaults = protocol(Path(), TrainConfig(), None, 0.0)["settings"]
+        saved = {**saved, "settings": {**defaults, **saved.get("settings", {})}}
         if saved != wanted:
             changed = sorted(
                 k for k in {*saved, *wanted} if k != "settings" and saved.get(k) != wanted.get(k)
             )
-            old, new = saved.get("settings", {}), wanted["settings"]
+            old, new = saved["settings"], wanted["settings"]
             changed += sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             raise UserError(
                 f"{out} holds a bench run with other settings ({', '.join(changed)} differ);"

@@ -12,6 +12,7 @@ with one clear line.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -119,6 +120,22 @@ def to_payload(ckpt: Checkpoint) -> dict[str, Any]:
         "sha256": weights_digest(ckpt.model),
         "meta_sha256": description_digest(payload),
     }
+
+
+def on_cpu(value: Any) -> Any:
+    """A copy of ``value`` (a Checkpoint, or anything inside one) whose tensors are CPU
+    copies of their own: it can be written in another thread while training changes the
+    originals, and that thread touches no device."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(on_cpu(v) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: on_cpu(getattr(value, f.name)) for f in fields(value) if f.init}
+        return dataclasses.replace(value, **changes)
+    return value
 
 
 def save(ckpt: Checkpoint, path: str | Path) -> Path:

@@ -333,7 +333,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(
             f"--class-weights {cfg.class_weights}: no such file (give none, balanced or a FILE)"
         )
-    for name in ("epochs", "batch_size"):
+    for name in ("epochs", "batch_size", "eval_every"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")

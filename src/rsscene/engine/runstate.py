@@ -131,6 +131,7 @@ class BackgroundWrites:
     ``threaded=False`` writes in the caller instead, as ``benchmarks/epoch_end.py`` compares."""
 
     def __init__(self, threaded: bool = True) -> None:
+        self.threaded = threaded
         self._pool = ThreadPoolExecutor(1, "rsscene-writes") if threaded else None
         self._pending: Future | None = None
 
@@ -142,6 +143,11 @@ class BackgroundWrites:
             self._pending = self._pool.submit(write)
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if self._pending is None:
+            return
+        try:
+            self._pending.result()
+        finally:
+            # A Ctrl-C while waiting leaves the write pending: the next wait waits for it.
+            if self._pending.done():
+                self._pending = None

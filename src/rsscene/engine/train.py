@@ -1,5 +1,5 @@
 """The :class:`Trainer`: given a model, data and an optimizer, it trains, evaluates after each
-epoch, checkpoints, and writes a self-describing run folder::
+epoch (or every ``eval_every``), checkpoints, and writes a self-describing run folder::
 
     RUN/config.json   every resolved setting, class names, versions
     RUN/metrics.csv   one row per epoch (also sent to TensorBoard or MLflow with --log)
@@ -10,13 +10,13 @@ epoch, checkpoints, and writes a self-describing run folder::
 
 An epoch is a loop of steps with one sync point every few steps (the host reads the device
 only there, and every rank stops or raises at the same step), then an end of epoch
-(evaluate, choose best, save, log). Randomness in the loop comes only from generators seeded
+(evaluate, choose best, log, and hand the files to a background thread that writes them while
+the next epoch trains). Randomness in the loop comes only from generators seeded
 by (seed, epoch, step, rank), so a run resumed from any step reproduces the uninterrupted one.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import signal
@@ -345,18 +345,28 @@ class Trainer:
             self.writes.wait()
             return self._finish()
         except Exception as e:
-            self.writes.wait()
+            self._settle_writes()
             self._say_where_to_continue(e)
             raise
         finally:
-            self.writes.wait()  # also after a second Ctrl-C, before the log is closed
-            for s, h in handlers.items():
-                signal.signal(s, h)
-            if self._log is not None:
-                self._log.close()
-                self._log = None
-            if self._owns_process_group:
-                distributed.teardown()
+            try:
+                self.writes.wait()  # also after a second Ctrl-C, before the log is closed
+            finally:
+                for s, h in handlers.items():
+                    signal.signal(s, h)
+                if self._log is not None:
+                    self._log.close()
+                    self._log = None
+                if self._owns_process_group:
+                    distributed.teardown()
+
+    def _settle_writes(self) -> None:
+        """Wait for the background writes while another error stops the run: that error is
+        the one raised, and a failed write is said alongside it."""
+        try:
+            self.writes.wait()
+        except Exception as e:
+            self.log(f"also: the last epoch's files were not all written ({e})")
 
     def _say_where_to_continue(self, error: Exception) -> None:
         # Under torchrun another process's crash surfaces here as a communication error
@@ -491,7 +501,7 @@ class Trainer:
         }
 
     def _diverged(self, epoch: int, step: int) -> Diverged:
-        self.writes.wait()
+        self._settle_writes()
         last = self.run_dir / "last.pt"
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was saved"
         return Diverged(
@@ -502,7 +512,7 @@ class Trainer:
     def _interrupt(self, epoch: int, step: int) -> None:
         signum = self.stop_signal or signal.SIGINT
         if self.dist.main:
-            self.writes.wait()
+            self._settle_writes()
             self.save("last.pt")  # metrics.csv already holds every finished epoch
         self.dist.barrier()
         name = signal.Signals(signum).name
@@ -513,7 +523,9 @@ class Trainer:
         )
 
     def end_epoch(self, epoch: int, sums: dict[str, float]) -> dict[str, Any]:
-        """Evaluate, log the epoch's row, choose best, save ``last.pt`` (and ``best.pt``)."""
+        """Evaluate (every ``eval_every`` epochs and at the last), choose best, log the
+        epoch's row, and hand ``last.pt`` (and ``best.pt``), metrics.csv and the curves to the
+        background writes."""
         self.dist.sync_buffers(self.net, *([self.ema] if self.ema is not None else []))
         evaluated = (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.epochs
         held_out = self.data.held_out.items() if evaluated else ()
@@ -563,17 +575,21 @@ class Trainer:
         return row
 
     def _write_epoch(self, improved: bool) -> None:
-        """Hand this epoch's files to the background writes, from a copy of the state: the
-        next steps change the weights and AdamW's moments in place."""
-        last = copy.deepcopy(self.checkpoint())
+        """Hand this epoch's files to the background writes, from a CPU copy of the state
+        (the next steps change the weights and AdamW's moments in place)."""
+        self.writes.wait()  # one copy at a time, and the previous epoch's files are complete
+        last = self.checkpoint()
+        if self.writes.threaded:
+            last = checkpoint.on_cpu(last)
         # best.pt holds weights only: a third of the size, and a run is resumed from last.pt.
         best = dataclasses.replace(last, state=None) if improved else None
-        history, run_log = list(self.state.history), self.run_log
+        run_dir, run_log, history = self.run_dir, self.run_log, last.state.history
 
         def write() -> None:
-            checkpoint.save(last, self.run_dir / "last.pt")
+            # last.pt last: it names the best epoch, so best.pt must already hold it.
             if best is not None:
-                checkpoint.save(best, self.run_dir / "best.pt")
+                checkpoint.save(best, run_dir / "best.pt")
+            checkpoint.save(last, run_dir / "last.pt")
             run_log.epoch(history)
 
         self.writes.submit(write)
