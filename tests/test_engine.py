@@ -175,3 +175,14 @@ def test_background_writes_keep_their_order_and_raise_a_failure_at_the_next_call
         writes.submit(lambda: done.append(3))
     assert done == [0, 1, 2]
     writes.wait()  # the failure was raised once
+
+
+def test_the_recipe_optimizers_use_torch_fused_kernels_on_the_cpu() -> None:
+    from rsscene.config import build, resolve
+    from rsscene.engine.recipe import make_optimizer
+
+    model = create_model("resnet18", num_classes=3)
+    for name in ("adamw", "adam", "sgd"):
+        cfg = resolve(build({"optimizer": name}), "cpu")
+        optimizer = make_optimizer(cfg, model)
+        assert all(group["fused"] for group in optimizer.param_groups), name
