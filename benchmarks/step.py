@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         per = statistics.median(t)
         base = statistics.median(times[base_infer if name.startswith("infer") else base_train])
         batch = 2 * args.batch_size if name.startswith("infer") else args.batch_size
-        extra = warm[name] - 2 * per
-        saved = statistics.median(times[uncompiled[name]]) - per if name in uncompiled else 0
-        repay = f"{extra / saved:.0f}" if "compile" in name and saved > 0 else "-"
-        if "compile" in name and saved <= 0:
-            repay = "never (slower)"
+        repay = "-"
+        if name in uncompiled:
+            saved = statistics.median(times[uncompiled[name]]) - per
+            extra = warm[name] - 2 * per
+            repay = f"{extra / saved:.0f}" if saved > 0 else "never (slower)"
         print(f"| {name} | {batch / per:.1f} | {base / per:.2f} | {warm[name]:.1f} s | {repay} |")
     return 0
 
