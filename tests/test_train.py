@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,13 @@ import torch
 from conftest import shared_data, tiny_config
 from rsscene import checkpoint
 from rsscene.cli import main
+from rsscene.config import build
 from rsscene.data.prepare import prepare
 from rsscene.engine.evaluate import evaluate_checkpoint
-from rsscene.engine.recipe import lr_factor
+from rsscene.engine.recipe import lr_factor, train_size
 from rsscene.engine.runstate import resume_config
 from rsscene.engine.train import Trainer
+from rsscene.errors import UserError
 
 RUN_FILES = ["config.json", "metrics.csv", "last.pt", "best.pt", "curves.png", "report.json"]
 
@@ -223,6 +226,39 @@ def test_best_is_selected_on_val_when_the_split_has_one(scenes: Path, tmp_path: 
     val = evaluate_checkpoint(tmp_path / "run" / "last.pt", split / "val")
     assert report["val_accuracy"] == pytest.approx(val["accuracy"], abs=1e-6)
     assert report["val_accuracy"] == pytest.approx(float(rows[0]["val_acc"]), abs=1e-5)
+
+
+def test_progressive_resizing_trains_low_first_and_ends_at_the_test_resolution(
+    split: Path, tmp_path: Path
+) -> None:
+    lines: list[str] = []
+    cfg = tiny_config(split, tmp_path / "run", epochs=3, img_size=64, eval_size=64)
+    cfg.start_size, cfg.ramp = 32, (0.0, 0.67)
+    trainer = Trainer.from_config(cfg, log=lines.append)
+    sizes: list[tuple[bool, int]] = []
+    trainer.net.register_forward_pre_hook(
+        lambda module, args: sizes.append((module.training, args[0].shape[-1]))
+    )
+    trainer.fit()
+    per_epoch = trainer.steps_per_epoch
+    trained = [s for training, s in sizes if training]
+    assert trained == [32] * per_epoch + [48] * per_epoch + [64] * per_epoch
+    assert {s for training, s in sizes if not training} == {64}
+    assert "32->64px train / 64px test" in lines[0]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [re.search(r" (\d+)px ", line)[1] for line in epochs] == ["32", "48", "64"]
+
+
+def test_the_progressive_schedule_holds_rises_in_16_px_steps_and_is_checked() -> None:
+    cfg = build({"img_size": 128, "epochs": 20, "start_size": 64, "ramp": "0.5,0.9"})
+    sizes = [train_size(cfg, e) for e in range(20)]
+    assert sizes[:11] == [64] * 11 and sizes[-2:] == [128, 128]
+    assert sizes == sorted(sizes) and all(s % 16 == 0 for s in sizes)
+    assert [train_size(build({"img_size": 96, "epochs": 9}), e) for e in range(9)] == [96] * 9
+    with pytest.raises(UserError, match="--start-size 160 is above --img-size 128"):
+        build({"img_size": 128, "start_size": 160})
+    with pytest.raises(UserError, match="--ramp"):
+        build({"start_size": 64, "ramp": "0.9,0.5"})
 
 
 def test_eval_every_skips_evaluations_but_not_the_last_or_the_weights(

@@ -121,6 +121,19 @@ class TrainConfig:
     eval_size: int | None = setting(
         help="test resolution (default: the training one; 1.25x it with crops)", parse=positive_int
     )
+    start_size: int | None = setting(
+        help="progressive resizing: train the first epochs at this lower resolution, rising"
+        " to --img-size over the --ramp part of the schedule (default: off)",
+        parse=positive_int,
+        metavar="PX",
+    )
+    ramp: tuple[float, float] = setting(
+        (0.5, 0.85),
+        "where progressive resizing rises from --start-size to --img-size, as fractions of"
+        " the epochs",
+        parse=float_pair,
+        metavar="FROM,TO",
+    )
     optimizer: str = setting("adamw", "optimizer", choices=OPTIMIZERS)
     lr: float | None = setting(help="peak learning rate (default scales with the global batch)")
     momentum: float = setting(0.9, "SGD momentum (Nesterov when above 0)")
@@ -337,12 +350,20 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("img_size", "eval_size"):
+    for name in ("img_size", "eval_size", "start_size"):
         value = getattr(cfg, name)
         if value is not None and value < 32:
             raise UserError(f"--{name.replace('_', '-')} must be at least 32, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+    if cfg.start_size and cfg.img_size and cfg.start_size > cfg.img_size:
+        raise UserError(
+            f"--start-size {cfg.start_size} is above --img-size {cfg.img_size}: progressive"
+            " resizing starts lower"
+        )
+    lo, hi = cfg.ramp
+    if not 0 <= lo <= hi <= 1:
+        raise UserError(f"--ramp must satisfy 0 <= from <= to <= 1, got {lo} {hi}")
     lo, hi = cfg.crop_scale
     if not 0 < lo <= hi <= 1:
         raise UserError(f"--crop-scale must satisfy 0 < min <= max <= 1, got {lo} {hi}")

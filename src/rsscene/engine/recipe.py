@@ -168,6 +168,21 @@ def make_augment(cfg: TrainConfig, pre: Preprocess | None = None) -> Augment:
     )
 
 
+def train_size(cfg: TrainConfig, epoch: int) -> int:
+    """The training resolution of ``epoch`` (0-based). With progressive resizing it stays at
+    ``cfg.start_size`` until the ramp, rises linearly in steps of 16 px, and reaches
+    ``cfg.img_size`` at the ramp's end (the low-resolution epochs cost a fraction of a full
+    one, and the last ones train at the resolution the model is tested at)."""
+    if cfg.start_size is None:
+        return cfg.img_size
+    first, last = (f * cfg.epochs for f in cfg.ramp)
+    t = min(1.0, max(0.0, (epoch - first) / max(last - first, 1e-9)))
+    if t in (0.0, 1.0):
+        return cfg.img_size if t == 1.0 else cfg.start_size
+    size = 16 * round((cfg.start_size + t * (cfg.img_size - cfg.start_size)) / 16)
+    return min(max(size, cfg.start_size), cfg.img_size)
+
+
 def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """A 63-bit seed for one step of one rank (``step`` -1: the epoch's permutation)."""
     digest = hashlib.sha256(f"{seed}:{epoch}:{step}:{rank}".encode()).digest()

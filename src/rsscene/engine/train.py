@@ -306,12 +306,15 @@ class Trainer:
                 zip(self.classes, self.loss_weights.tolist(), strict=True)
             )
         (self.run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        train_px = f"{cfg.img_size}px"
+        if cfg.start_size is not None:
+            train_px = f"{cfg.start_size}->{cfg.img_size}px"
         self.log(
             f"{cfg.arch} ({cfg.variant}) on {self.device}"
             f"{' x' + str(self.dist.world) if self.dist.enabled else ''},"
             f" {len(self.data.train)} train / {len(self.data.test)} test images,"
             f" {len(self.classes)} classes, {cfg.epochs} epochs, batch {cfg.batch_size}"
-            f" (effective {self.global_batch}), lr {cfg.lr:g}, {cfg.img_size}px train /"
+            f" (effective {self.global_batch}), lr {cfg.lr:g}, {train_px} train /"
             f" {cfg.eval_size}px test, amp {str(self.amp).replace('torch.', '')},"
             f" cache {self.data.train.mode} -> {self.run_dir}"
         )
@@ -440,6 +443,7 @@ class Trainer:
         # The sums saved by an interrupted run are over all ranks; counted once, at the end.
         part = self.state.partial if start else {}
         tally = _Tally(self.device)
+        self.augment.size = recipe.train_size(self.cfg, epoch)
         self._train_mode()
         bar = tqdm(
             total=len(batches),
@@ -561,6 +565,7 @@ class Trainer:
             self.state.best = {"epoch": epoch + 1, "accuracy": selected, "split": self.select}
         if self.dist.main:
             self._write_epoch(improved)
+            px = "" if self.cfg.start_size is None else f" {self.augment.size}px"
             held = "".join(
                 f" {key} {row[key]:.4f}"
                 for key in ("test_loss", "test_acc", "val_acc")
@@ -568,7 +573,7 @@ class Trainer:
             )
             self.log(
                 f"epoch {epoch + 1}/{self.cfg.epochs} train_loss {row['train_loss']:.4f}"
-                f" train_acc {row['train_acc']:.4f}{held} lr {row['lr']}"
+                f" train_acc {row['train_acc']:.4f}{held} lr {row['lr']}{px}"
                 f" {row['images_per_s']:.0f} img/s {row['seconds']:.1f}s"
             )
         self.dist.barrier()
