@@ -37,6 +37,12 @@ CANDIDATES = {
         "64 px rising to 128 px from 50% to 85% of 28 epochs",
         {"start_size": 64, "epochs": 28},
     ),
+    "96px-27-b32": (
+        "96 px, 27 epochs, batch 32 (twice the steps)",
+        {"img_size": 96, "epochs": 27, "batch_size": 32},
+    ),
+    "80px-36": ("80 px, 36 epochs", {"img_size": 80, "epochs": 36}),
+    "112px-22": ("112 px, 22 epochs", {"img_size": 112, "epochs": 22}),
     "prog-64-32-late": (
         "64 px rising to 128 px from 65% to 90% of 32 epochs",
         {"start_size": 64, "epochs": 32, "ramp": (0.65, 0.9)},
