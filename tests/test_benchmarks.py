@@ -115,7 +115,7 @@ def test_candidates_benchmark_reports_validation_not_test(tmp_path, scenes):
     other = tmp_path / "other"
     generate(other, per_class=10, size=40, seed=1)
     out = tmp_path / "select.json"
-    argv = ["--data", str(scenes), str(other), "--candidates", "default", "prog-64-28"]
+    argv = ["--data", str(scenes), str(other), "--candidates", "96px-27", "prog-64-28"]
     argv += ["--epochs", "1", "--img-size", "32", "--workdir", str(tmp_path / "w")]
     stdout = run_benchmark("candidates.py", [*argv, "--json", str(out)])
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]

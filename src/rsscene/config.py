@@ -48,7 +48,7 @@ OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 
 # Device-dependent defaults for the fields left at None.
 DEVICE_DEFAULTS = {
-    "cpu": {"epochs": 55, "img_size": 128},
+    "cpu": {"epochs": 27, "img_size": 96},
     "gpu": {"epochs": 100, "img_size": 192},
 }
 
@@ -112,11 +112,11 @@ class TrainConfig:
         "v1.5", "v1.5: stride on the 3x3 conv; v1: as the paper", choices=VARIANTS
     )
     epochs: int | None = setting(
-        help="epochs (default: 55 on a CPU, 100 on a GPU)", parse=positive_int
+        help="epochs (default: 27 on a CPU, 100 on a GPU)", parse=positive_int
     )
     batch_size: int = setting(64, "images per step, per process", parse=positive_int)
     img_size: int | None = setting(
-        help="training resolution (default: 128 on a CPU, 192 on a GPU)", parse=positive_int
+        help="training resolution (default: 96 on a CPU, 192 on a GPU)", parse=positive_int
     )
     eval_size: int | None = setting(
         help="test resolution (default: the training one; 1.25x it with crops)", parse=positive_int
