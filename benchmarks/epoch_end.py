@@ -3,15 +3,14 @@
     python benchmarks/epoch_end.py                   # ResNet-18, generated scenes
     python benchmarks/epoch_end.py --epochs 8 --train 160 --test 640
 
-Four runs of the same training (same seed, same images, so the same weights), side by
+Three runs of the same training (same seed, same images, so the same weights), side by
 side in this process:
 
 1. every epoch evaluated, last.pt/best.pt/metrics.csv/curves.png written before the next
    epoch starts (as rsscene did before its background writes; no state copy is made);
-2. every epoch evaluated, the files written in the background while the next epoch trains,
-   by a thread at the training's priority (as rsscene did first);
-3. the same, by a thread at the lowest priority (the default now);
-4. ``--eval-every K`` as well: the held-out split evaluated every K epochs and at the last.
+2. every epoch evaluated, the files written in the background while the next epoch trains
+   (the default now);
+3. ``--eval-every K`` as well: the held-out split evaluated every K epochs and at the last.
 
 The test part is four times the training part by default, as at the papers' 20% training
 ratio, where evaluating it after every epoch costs about as much as the training itself.
@@ -45,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(split: Path, out: Path, args: argparse.Namespace, writes: dict, every: int) -> dict:
+def run(split: Path, out: Path, args: argparse.Namespace, threaded: bool, every: int) -> dict:
     """Train once; returns the seconds per epoch, those not spent in training steps (the
     ends of epochs, the final evaluation) and the final weights."""
     cfg = build(
@@ -59,7 +58,7 @@ def run(split: Path, out: Path, args: argparse.Namespace, writes: dict, every: i
         }
     )
     trainer = Trainer.from_config(cfg, log=lambda *_: None)
-    trainer.writes = BackgroundWrites(**writes)
+    trainer.writes = BackgroundWrites(threaded=threaded)
     start = time.perf_counter()
     trainer.fit()
     total = time.perf_counter() - start
@@ -73,12 +72,13 @@ def run(split: Path, out: Path, args: argparse.Namespace, writes: dict, every: i
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    loop, same, low = {"threaded": False}, {"low_priority": False}, {}
     runs = {
-        "eval every epoch, files written in the loop": (loop, 1),
-        "eval every epoch, files written in the background, same priority": (same, 1),
-        "eval every epoch, files written in the background, lowest priority": (low, 1),
-        f"--eval-every {args.eval_every}, files written in the background": (low, args.eval_every),
+        "eval every epoch, files written in the loop": (False, 1),
+        "eval every epoch, files written in the background": (True, 1),
+        f"--eval-every {args.eval_every}, files written in the background": (
+            True,
+            args.eval_every,
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         raw, split = Path(tmp) / "raw", Path(tmp) / "split"
@@ -86,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(raw, per_class=total // len(CLASSES), size=128, seed=0)
         prepare(raw, split, test_ratio=args.test / total, seed=0)
         results = {
-            name: run(split, Path(tmp) / f"run{i}", args, writes, every)
-            for i, (name, (writes, every)) in enumerate(runs.items())
+            name: run(split, Path(tmp) / f"run{i}", args, threaded, every)
+            for i, (name, (threaded, every)) in enumerate(runs.items())
         }
     first = next(iter(results.values()))
     same = all(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import ast
 import os
 import re
-import sys
-import threading
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -177,23 +175,6 @@ def test_background_writes_keep_their_order_and_raise_a_failure_at_the_next_call
         writes.submit(lambda: done.append(3))
     assert done == [0, 1, 2]
     writes.wait()  # the failure was raised once
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread nice values are Linux's")
-def test_background_writes_run_at_the_lowest_priority_and_leave_the_caller_alone() -> None:
-    from rsscene.engine.runstate import BackgroundWrites
-
-    def nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    caller = nice()
-    seen: list[int] = []
-    for low, expected in ((True, 19), (False, caller)):
-        writes = BackgroundWrites(low_priority=low)
-        writes.submit(lambda: seen.append(nice()))
-        writes.wait()
-        assert seen.pop() == expected
-    assert nice() == caller
 
 
 def test_the_recipe_optimizers_use_torch_fused_kernels_on_the_cpu() -> None:

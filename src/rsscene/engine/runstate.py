@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import sys
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -131,13 +128,11 @@ class BackgroundWrites:
     about 135 MB to serialise, hash and fsync. Writes run in order, at most one epoch's at a
     time; a failed write is raised by the next :meth:`submit` or :meth:`wait`. Each file is
     still replaced atomically, so a run killed mid-write resumes from the epoch before.
-    ``threaded=False`` writes in the caller instead, and ``low_priority=False`` leaves the
-    thread at the training's priority, as ``benchmarks/epoch_end.py`` compares."""
+    ``threaded=False`` writes in the caller instead, as ``benchmarks/epoch_end.py`` compares."""
 
-    def __init__(self, threaded: bool = True, low_priority: bool = True) -> None:
+    def __init__(self, threaded: bool = True) -> None:
         self.threaded = threaded
-        init = _lowest_priority if low_priority else None
-        self._pool = ThreadPoolExecutor(1, "rsscene-writes", init) if threaded else None
+        self._pool = ThreadPoolExecutor(1, "rsscene-writes") if threaded else None
         self._pending: Future | None = None
 
     def submit(self, write: Callable[[], None]) -> None:
@@ -156,11 +151,3 @@ class BackgroundWrites:
             # A Ctrl-C while waiting leaves the write pending: the next wait waits for it.
             if self._pending.done():
                 self._pending = None
-
-
-def _lowest_priority() -> None:
-    """Give the calling thread the lowest CPU priority (Linux: nice applies per thread), so
-    that serialising and hashing last.pt takes the cores only where the training steps
-    leave them idle: at the training's priority it slows the next epoch's steps."""
-    if sys.platform == "linux":
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
