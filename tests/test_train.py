@@ -146,9 +146,9 @@ def test_test_resolution_follows_the_crop() -> None:
     from rsscene.config import TrainConfig, resolve
 
     whole = resolve(TrainConfig(), "cpu")
-    assert (whole.crop_scale, whole.img_size, whole.eval_size) == ((1.0, 1.0), 128, 128)
+    assert (whole.crop_scale, whole.img_size, whole.eval_size) == ((1.0, 1.0), 96, 96)
     # Crops zoom in during training, so the full test image is shown larger to match.
-    cropped = resolve(TrainConfig(crop_scale=(0.25, 1.0)), "cpu")
+    cropped = resolve(TrainConfig(crop_scale=(0.25, 1.0), img_size=128), "cpu")
     assert (cropped.img_size, cropped.eval_size) == (128, 160)
     assert resolve(TrainConfig(crop_scale=(0.25, 1.0), eval_size=144), "cpu").eval_size == 144
 
