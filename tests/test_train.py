@@ -13,7 +13,7 @@ import torch
 from conftest import shared_data, tiny_config
 from rsscene import checkpoint
 from rsscene.cli import main
-from rsscene.config import build
+from rsscene.config import build, resolve
 from rsscene.data.prepare import prepare
 from rsscene.engine.evaluate import evaluate_checkpoint
 from rsscene.engine.recipe import lr_factor, train_size
@@ -256,7 +256,9 @@ def test_the_progressive_schedule_holds_rises_in_16_px_steps_and_is_checked() ->
     assert sizes == sorted(sizes) and all(s % 16 == 0 for s in sizes)
     assert [train_size(build({"img_size": 96, "epochs": 9}), e) for e in range(9)] == [96] * 9
     with pytest.raises(UserError, match="--start-size 160 is above --img-size 128"):
-        build({"img_size": 128, "start_size": 160})
+        resolve(build({"img_size": 128, "start_size": 160}), "cpu")
+    with pytest.raises(UserError, match="--start-size 112 is above --img-size 96"):
+        resolve(build({"start_size": 112}), "cpu")  # the CPU default's 96 px
     with pytest.raises(UserError, match="--ramp"):
         build({"start_size": 64, "ramp": "0.9,0.5"})
 

@@ -356,11 +356,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 32, got {value}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
-    if cfg.start_size and cfg.img_size and cfg.start_size > cfg.img_size:
-        raise UserError(
-            f"--start-size {cfg.start_size} is above --img-size {cfg.img_size}: progressive"
-            " resizing starts lower"
-        )
     lo, hi = cfg.ramp
     if not 0 <= lo <= hi <= 1:
         raise UserError(f"--ramp must satisfy 0 <= from <= to <= 1, got {lo} {hi}")
@@ -384,7 +379,8 @@ def validate(cfg: TrainConfig) -> None:
 
 def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:
     """Fill the settings left at ``None`` for the device and for ``world`` processes (each
-    with ``cfg.batch_size`` images a step); returns a new config."""
+    with ``cfg.batch_size`` images a step); returns a new config. Refuses a ``--start-size``
+    above the training resolution, which may only be known here."""
     kind = "gpu" if device_type in ("cuda", "mps") else "cpu"
     defaults = DEVICE_DEFAULTS[kind]
     cfg = dataclasses.replace(cfg)
@@ -392,6 +388,11 @@ def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:
         cfg.epochs = defaults["epochs"]
     if cfg.img_size is None:
         cfg.img_size = defaults["img_size"]
+    if cfg.start_size is not None and cfg.start_size > cfg.img_size:
+        raise UserError(
+            f"--start-size {cfg.start_size} is above --img-size {cfg.img_size}: progressive"
+            " resizing starts lower"
+        )
     if cfg.eval_size is None:
         # Random resized crops make objects look larger in training than in a full test image;
         # testing at a higher resolution restores their apparent size (Touvron et al. 2019).
