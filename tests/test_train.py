@@ -279,3 +279,44 @@ def test_eval_every_skips_evaluations_but_not_the_last_or_the_weights(
     assert checkpoint.load(sparse / "best.pt").next_epoch in (2, 3)
     a, b = checkpoint.load(every / "last.pt").model, checkpoint.load(sparse / "last.pt").model
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_save_interval_holds_back_last_pt_and_a_stop_writes_it(
+    split: Path, tmp_path: Path
+) -> None:
+    def train(save_interval: float, fail_at: int | None = None) -> tuple[Path, list]:
+        """last.pt's next_epoch on disk as each epoch starts (None: no file yet)."""
+        cfg = tiny_config(split, tmp_path / f"{save_interval}-{fail_at}", epochs=4)
+        cfg.save_interval = save_interval
+        trainer = Trainer.from_config(cfg, log=lambda *_: None)
+        train_epoch, seen = trainer.train_epoch, []
+
+        def checked(epoch: int, batches: list[list[int]] | None = None) -> dict[str, float]:
+            trainer.writes.wait()
+            last = trainer.run_dir / "last.pt"
+            seen.append(checkpoint.load(last).next_epoch if last.is_file() else None)
+            if epoch == fail_at:
+                raise RuntimeError("the data disk went away")
+            return train_epoch(epoch, batches)
+
+        trainer.train_epoch = checked
+        if fail_at is None:
+            trainer.fit()
+        else:
+            with pytest.raises(RuntimeError, match="the data disk went away"):
+                trainer.fit()
+        return trainer.run_dir, seen
+
+    run, seen = train(0)
+    assert seen == [None, 1, 2, 3] and checkpoint.load(run / "last.pt").next_epoch == 4
+    run, seen = train(3600)
+    assert seen == [None, 1, 1, 1] and checkpoint.load(run / "last.pt").next_epoch == 4
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]  # the rows are not held back
+
+    run, seen = train(3600, fail_at=2)
+    assert seen == [None, 1, 1]
+    last = checkpoint.load(run / "last.pt")
+    assert last.next_epoch == 2 and len(last.state.history) == 2
+    assert checkpoint.load(run / "best.pt").next_epoch == last.state.best["epoch"]
+    assert (run / "curves.png").is_file()

@@ -199,6 +199,13 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm under torchrun")
     strict: bool = setting(False, "fail on any unreadable image")
     out: str | None = setting(help="run folder (default runs/ARCH-TIMESTAMP)", metavar="DIR")
+    save_interval: float = setting(
+        60.0,
+        "least seconds between writes of last.pt, best.pt and curves.png, made at an epoch's"
+        " end (also after the first and the last epoch, and when the run stops on Ctrl-C,"
+        " SIGTERM or an error); 0 = every epoch",
+        metavar="SECONDS",
+    )
     log: str = setting(
         "csv",
         "metrics.csv only, or also tensorboard (RUN/tensorboard) or mlflow"
@@ -354,6 +361,8 @@ def validate(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 32:
             raise UserError(f"--{name.replace('_', '-')} must be at least 32, got {value}")
+    if not cfg.save_interval >= 0:
+        raise UserError(f"--save-interval must be at least 0, got {cfg.save_interval}")
     if cfg.lr is not None and not cfg.lr > 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
     lo, hi = cfg.ramp

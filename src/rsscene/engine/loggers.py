@@ -64,19 +64,17 @@ class Backend(Protocol):
 
 
 class CsvLog:
-    """``metrics.csv`` and ``curves.png``, rewritten whole from the history after each epoch."""
+    """``metrics.csv``, rewritten whole from the history after each epoch (``curves.png`` is
+    drawn with ``last.pt``: see the Trainer's save interval)."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
 
     def epoch(self, history: list[dict[str, Any]]) -> None:
-        from rsscene.plots import plot_curves
-
         with (self.run_dir / "metrics.csv").open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(history)
-        plot_curves(history, self.run_dir / "curves.png")
 
     def finish(self, report: dict[str, Any], files: dict[str, Path]) -> None:
         pass

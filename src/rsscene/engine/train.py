@@ -22,6 +22,7 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,11 @@ class Trainer:
         self._results: dict[str, tuple[dict[str, Any], Predictions]] = {}
         self._log: loggers.RunLog | None = None
         self.writes = runstate.BackgroundWrites()
+        # The newest epoch-end state and best weights not yet on disk, and when last.pt was
+        # last handed to the writes (see _write_epoch).
+        self._unsaved: Checkpoint | None = None
+        self._unsaved_best: Checkpoint | None = None
+        self._saved_at: float | None = None
 
     @classmethod
     def from_config(
@@ -364,10 +370,12 @@ class Trainer:
                     distributed.teardown()
 
     def _settle_writes(self) -> None:
-        """Wait for the background writes while another error stops the run: that error is
-        the one raised, and a failed write is said alongside it."""
+        """Finish the background writes and write what the save interval held back, while
+        another error stops the run: that error is the one raised, and a failed write is said
+        alongside it."""
         try:
             self.writes.wait()
+            self._take_unsaved()()
         except Exception as e:
             self.log(f"also: the last epoch's files were not all written ({e})")
 
@@ -564,7 +572,7 @@ class Trainer:
         if improved:
             self.state.best = {"epoch": epoch + 1, "accuracy": selected, "split": self.select}
         if self.dist.main:
-            self._write_epoch(improved)
+            self._write_epoch(epoch, improved)
             px = "" if self.cfg.start_size is None else f" {self.augment.size}px"
             held = "".join(
                 f" {key} {row[key]:.4f}"
@@ -579,25 +587,51 @@ class Trainer:
         self.dist.barrier()
         return row
 
-    def _write_epoch(self, improved: bool) -> None:
-        """Hand this epoch's files to the background writes, from a CPU copy of the state
-        (the next steps change the weights and AdamW's moments in place)."""
+    def _write_epoch(self, epoch: int, improved: bool) -> None:
+        """Hand the epoch's row (metrics.csv, ``--log``'s backend) to the background writes,
+        and keep a CPU copy of the state, since the next steps change the weights and AdamW's
+        moments in place. last.pt, best.pt and curves.png are written from that copy after
+        this process's first epoch, once ``save_interval`` seconds have passed since they
+        last were, at the last epoch, and when the run stops (:meth:`_settle_writes`)."""
         self.writes.wait()  # one copy at a time, and the previous epoch's files are complete
-        last = self.checkpoint()
-        if self.writes.threaded:
-            last = checkpoint.on_cpu(last)
-        # best.pt holds weights only: a third of the size, and a run is resumed from last.pt.
-        best = dataclasses.replace(last, state=None) if improved else None
-        run_dir, run_log, history = self.run_dir, self.run_log, last.state.history
+        self._unsaved = checkpoint.on_cpu(self.checkpoint())
+        if improved:
+            # best.pt holds weights only: a third of the size, and a run is resumed from last.pt.
+            self._unsaved_best = dataclasses.replace(self._unsaved, state=None)
+        now = time.monotonic()
+        due = (
+            self._saved_at is None
+            or now - self._saved_at >= self.cfg.save_interval
+            or epoch + 1 == self.cfg.epochs
+        )
+        history, run_log = self._unsaved.state.history, self.run_log
+        files = self._take_unsaved() if due else None
+        if due:
+            self._saved_at = now
 
         def write() -> None:
+            run_log.epoch(history)
+            if files is not None:
+                files()
+
+        self.writes.submit(write)
+
+    def _take_unsaved(self) -> Callable[[], None]:
+        """A function that writes the unsaved best.pt, last.pt and curves.png."""
+        best, last, run_dir = self._unsaved_best, self._unsaved, self.run_dir
+        self._unsaved_best = self._unsaved = None
+
+        def write() -> None:
+            from rsscene.plots import plot_curves
+
             # last.pt last: it names the best epoch, so best.pt must already hold it.
             if best is not None:
                 checkpoint.save(best, run_dir / "best.pt")
-            checkpoint.save(last, run_dir / "last.pt")
-            run_log.epoch(history)
+            if last is not None:
+                checkpoint.save(last, run_dir / "last.pt")
+                plot_curves(last.state.history, run_dir / "curves.png")
 
-        self.writes.submit(write)
+        return write
 
     # ----------------------------------------------------------------------- evaluation
     def evaluate(
