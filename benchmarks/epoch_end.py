@@ -3,14 +3,16 @@
     python benchmarks/epoch_end.py                   # ResNet-18, generated scenes
     python benchmarks/epoch_end.py --epochs 8 --train 160 --test 640
 
-Three runs of the same training (same seed, same images, so the same weights), side by
+Four runs of the same training (same seed, same images, so the same weights), side by
 side in this process:
 
-1. every epoch evaluated, last.pt/best.pt/metrics.csv/curves.png written before the next
-   epoch starts (as rsscene did before its background writes; no state copy is made);
-2. every epoch evaluated, the files written in the background while the next epoch trains
-   (the default now);
-3. ``--eval-every K`` as well: the held-out split evaluated every K epochs and at the last.
+1. every epoch evaluated, last.pt/best.pt/metrics.csv/curves.png written after every epoch,
+   before the next one starts (as rsscene first did);
+2. the same files written in the background while the next epoch trains (``--save-interval
+   0``, the default before the interval);
+3. last.pt, best.pt and curves.png written at most every ``--save-interval`` seconds (the
+   default 60: after the first and last epochs here), metrics.csv every epoch;
+4. ``--eval-every K`` as well: the held-out split evaluated every K epochs and at the last.
 
 The test part is four times the training part by default, as at the papers' 20% training
 ratio, where evaluating it after every epoch costs about as much as the training itself.
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from rsscene.config import build
+from rsscene.config import TrainConfig, build
 from rsscene.data.prepare import prepare
 from rsscene.data.synthetic import CLASSES, generate
 from rsscene.engine.runstate import BackgroundWrites
@@ -44,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(split: Path, out: Path, args: argparse.Namespace, threaded: bool, every: int) -> dict:
+def run(
+    split: Path, out: Path, args: argparse.Namespace, threaded: bool, every: int, interval: float
+) -> dict:
     """Train once; returns the seconds per epoch, those not spent in training steps (the
     ends of epochs, the final evaluation) and the final weights."""
     cfg = build(
@@ -54,6 +58,7 @@ def run(split: Path, out: Path, args: argparse.Namespace, threaded: bool, every:
             "epochs": args.epochs,
             "img_size": args.img_size,
             "eval_every": every,
+            "save_interval": interval,
             "out": str(out),
         }
     )
@@ -72,12 +77,15 @@ def run(split: Path, out: Path, args: argparse.Namespace, threaded: bool, every:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    default = TrainConfig.save_interval
     runs = {
-        "eval every epoch, files written in the loop": (False, 1),
-        "eval every epoch, files written in the background": (True, 1),
-        f"--eval-every {args.eval_every}, files written in the background": (
+        "eval and files every epoch, written in the loop": (False, 1, 0),
+        "eval and files every epoch, written in the background": (True, 1, 0),
+        f"eval every epoch, files every {default:g} s (the default)": (True, 1, default),
+        f"--eval-every {args.eval_every}, files every {default:g} s": (
             True,
             args.eval_every,
+            default,
         ),
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         generate(raw, per_class=total // len(CLASSES), size=128, seed=0)
         prepare(raw, split, test_ratio=args.test / total, seed=0)
         results = {
-            name: run(split, Path(tmp) / f"run{i}", args, threaded, every)
-            for i, (name, (threaded, every)) in enumerate(runs.items())
+            name: run(split, Path(tmp) / f"run{i}", args, *settings)
+            for i, (name, settings) in enumerate(runs.items())
         }
     first = next(iter(results.values()))
     same = all(
