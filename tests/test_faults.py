@@ -180,6 +180,7 @@ MISTAKES: dict[str, Callable[[dict[str, Path], Path, Path], list]] = {
     "train: --epochs 0": lambda f, d, t: ["train", d, "--epochs", "0"],
     "train: --lr -1": lambda f, d, t: ["train", d, "--lr", "-1"],
     "train: --crop-scale 2": lambda f, d, t: ["train", d, "--crop-scale", "2"],
+    "train: --save-interval -1": lambda f, d, t: ["train", d, "--save-interval", "-1"],
     "train: --device tpu": lambda f, d, t: ["train", d, "--device", "tpu"],
     "train: --class-weights absent": lambda f, d, t: ["train", d, "--class-weights", t / "w"],
     "train: --sampler odd": lambda f, d, t: ["train", d, "--sampler", "odd"],

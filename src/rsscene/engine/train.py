@@ -11,7 +11,8 @@ epoch (or every ``eval_every``), checkpoints, and writes a self-describing run f
 An epoch is a loop of steps with one sync point every few steps (the host reads the device
 only there, and every rank stops or raises at the same step), then an end of epoch
 (evaluate, choose best, log, and hand the files to a background thread that writes them while
-the next epoch trains). Randomness in the loop comes only from generators seeded
+the next epoch trains; last.pt, best.pt and the curves at most every ``save_interval``
+seconds, and whenever the run stops). Randomness in the loop comes only from generators seeded
 by (seed, epoch, step, rank), so a run resumed from any step reproduces the uninterrupted one.
 """
 
