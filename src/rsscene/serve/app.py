@@ -334,6 +334,67 @@ def shown_as(pre: Preprocess, show: str | None) -> Preprocess:
     return pre
 
 
+def _answer_errors(app: FastAPI) -> None:
+    """Every failure as ``{"error": ...}`` with its status: bad input as a 4xx naming what is
+    wrong, a bug as a 500 that is logged with its traceback."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        return _error(422, where)
+
+    @app.exception_handler(ClientDisconnect)
+    async def disconnected(request: Request, e: ClientDisconnect) -> JSONResponse:
+        # Nobody reads this answer; it is counted as the client's doing, not a server error.
+        return _error(400, "the client went away before sending the whole body")
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, e: Exception) -> JSONResponse:
+        # A bug, never bad input: those are all answered above.
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return _error(500, "internal server error")
+
+
+def _map_upload(
+    predictor: Predictor,
+    name: str,
+    data: bytes,
+    tile: int | None,
+    stride: int | None,
+    max_pixels: int,
+) -> tuple[dict[str, Any], bytes]:
+    """``rsscene map`` on an uploaded scene: its summary (without local paths) and overlay PNG."""
+    with tempfile.TemporaryDirectory(prefix="rsscene-map-") as tmp:
+        # rasterio reads TIFFs by window; other formats are decoded by their content.
+        suffix = ".tif" if data[:4] in (b"II*\x00", b"MM\x00*") else ".upload"
+        scene = Path(tmp) / f"scene{suffix}"
+        scene.write_bytes(data)
+        try:
+            summary = map_scene(
+                predictor,
+                scene,
+                Path(tmp),
+                tile=tile,
+                stride=stride,
+                max_pixels=max_pixels,
+                max_windows=MAX_MAP_WINDOWS,
+            )
+        except UserError as e:
+            raise ApiError(422, str(e).replace(str(scene), name)) from None
+        png = (Path(tmp) / "overlay.png").read_bytes()
+    for key in ("files", "checkpoint"):
+        summary.pop(key)
+    return {**summary, "scene": name}, png
+
+
 def create_app(
     ckpt_path: str | Path,
     *,
@@ -378,29 +439,7 @@ def create_app(
         app.add_middleware(HostCheck, allowed=allowed_hosts)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.message)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(e.detail)}, status_code=e.status_code, headers=e.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        return _error(422, where)
-
-    @app.exception_handler(ClientDisconnect)
-    async def disconnected(request: Request, e: ClientDisconnect) -> JSONResponse:
-        # Nobody reads this answer; it is counted as the client's doing, not a server error.
-        return _error(400, "the client went away before sending the whole body")
-
-    @app.exception_handler(Exception)
-    async def internal(request: Request, e: Exception) -> JSONResponse:
-        # A bug, never bad input: those are all answered above.
-        log.exception("internal error on %s %s", request.method, request.url.path)
-        return _error(500, "internal server error")
+    _answer_errors(app)
 
     async def decode(items: list[tuple[str, bytes]]) -> list[Tensor]:
         def load_all() -> list[Tensor]:
@@ -493,34 +532,11 @@ def create_app(
         format: Literal["json", "png"] = "json",
     ) -> Response | dict[str, Any]:
         ((name, data),) = await read_images(request, 1)
-        summary, png = await worker.call(map_upload_now, name, data, tile, stride)
+        summary, png = await worker.call(
+            _map_upload, predictor, name, data, tile, stride, max_pixels
+        )
         if format == "png":
             return Response(png, media_type="image/png")
         return {"summary": summary, "overlay": base64.b64encode(png).decode()}
-
-    def map_upload_now(
-        name: str, data: bytes, tile: int | None, stride: int | None
-    ) -> tuple[dict[str, Any], bytes]:
-        with tempfile.TemporaryDirectory(prefix="rsscene-map-") as tmp:
-            # rasterio reads TIFFs by window; other formats are decoded by their content.
-            suffix = ".tif" if data[:4] in (b"II*\x00", b"MM\x00*") else ".upload"
-            scene = Path(tmp) / f"scene{suffix}"
-            scene.write_bytes(data)
-            try:
-                summary = map_scene(
-                    predictor,
-                    scene,
-                    Path(tmp),
-                    tile=tile,
-                    stride=stride,
-                    max_pixels=max_pixels,
-                    max_windows=MAX_MAP_WINDOWS,
-                )
-            except UserError as e:
-                raise ApiError(422, str(e).replace(str(scene), name)) from None
-            png = (Path(tmp) / "overlay.png").read_bytes()
-        for key in ("files", "checkpoint"):
-            summary.pop(key)
-        return {**summary, "scene": name}, png
 
     return app
