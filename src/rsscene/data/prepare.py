@@ -640,6 +640,27 @@ def _candidates(
 
 
 # --------------------------------------------------------------------------- the library call
+def _locations(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
+    """The resolved source and destination, refused where one lies inside what the other
+    holds (prepare would read its own output or write into its input)."""
+    src_path = _resolve_src(src)
+    dst_path = Path(dst).expanduser().resolve()
+    if _inside(dst_path, src_path):
+        raise UserError(f"destination {dst} lies inside the source folder {src}")
+    for part in PARTS:
+        if _inside(src_path, dst_path / part):
+            raise UserError(f"source {src} lies inside {dst_path / part}, which prepare writes")
+    return src_path, dst_path
+
+
+def _split_file_record(split_file: str | Path | None) -> dict[str, str]:
+    """What the manifest records of a ``--split-file``: its absolute path and SHA-256."""
+    if split_file is None:
+        return {}
+    digest = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
+    return {"split_file": str(Path(split_file).resolve()), "split_file_sha256": digest}
+
+
 def prepare(
     src: str | Path,
     dst: str | Path,
@@ -678,13 +699,7 @@ def prepare(
         train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, mode,
         train_ratio, split_file,
     )  # fmt: skip
-    src_path = _resolve_src(src)
-    dst_path = Path(dst).expanduser().resolve()
-    if _inside(dst_path, src_path):
-        raise UserError(f"destination {dst} lies inside the source folder {src}")
-    for part in PARTS:
-        if _inside(src_path, dst_path / part):
-            raise UserError(f"source {src} lies inside {dst_path / part}, which prepare writes")
+    src_path, dst_path = _locations(src, dst)
     to_remove = _check_dst(dst_path, force)
 
     chosen, candidates, skipped, listed = _candidates(src_path, classes, split_file)
@@ -726,10 +741,8 @@ def prepare(
         "test_ratio": test_ratio,
         "val_ratio": None if train_per_class is not None or listed else val_ratio,
         "train_ratio": train_ratio,
+        **_split_file_record(split_file),
     }
-    if split_file is not None:
-        digest = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
-        options.update(split_file=str(Path(split_file).resolve()), split_file_sha256=digest)
     manifest = {
         "rsscene_split": MANIFEST_VERSION,
         "source": str(src_path),
