@@ -599,16 +599,14 @@ class Trainer:
         if improved:
             # best.pt holds weights only: a third of the size, and a run is resumed from last.pt.
             self._unsaved_best = dataclasses.replace(self._unsaved, state=None)
+        history, run_log, files = self._unsaved.state.history, self.run_log, None
         now = time.monotonic()
-        due = (
+        if (
             self._saved_at is None
             or now - self._saved_at >= self.cfg.save_interval
             or epoch + 1 == self.cfg.epochs
-        )
-        history, run_log = self._unsaved.state.history, self.run_log
-        files = self._take_unsaved() if due else None
-        if due:
-            self._saved_at = now
+        ):
+            files, self._saved_at = self._take_unsaved(), now
 
         def write() -> None:
             run_log.epoch(history)
