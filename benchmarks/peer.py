@@ -34,7 +34,7 @@ from torchvision import datasets
 
 from recipe import split_once  # benchmarks/recipe.py: the same split as the README's
 from rsscene.config import build
-from rsscene.engine.device import (
+from rsscene.device import (
     amp_dtype,
     autocast,
     default_workers,

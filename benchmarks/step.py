@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rsscene.config import OPTIMIZER_DEFAULTS
-from rsscene.engine.device import amp_dtype, autocast, select_device, synchronize
+from rsscene.device import amp_dtype, autocast, select_device, synchronize
 from rsscene.engine.recipe import param_groups
 from rsscene.models import create_model
 

@@ -47,8 +47,8 @@ from rsscene.config import TUTORIAL, TrainConfig
 from rsscene.data.datasets import BatchLoader, TrainData, list_images
 from rsscene.data.synthetic import CLASSES, generate
 from rsscene.data.transforms import MEAN, STD
+from rsscene.device import amp_dtype, autocast, default_workers, select_device, synchronize
 from rsscene.engine import recipe
-from rsscene.engine.device import amp_dtype, autocast, default_workers, select_device, synchronize
 from rsscene.engine.evaluate import predict
 from rsscene.engine.train import Trainer
 from rsscene.models import create_model

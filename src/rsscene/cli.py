@@ -9,14 +9,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from rsscene import __version__
-from rsscene.config import AMP_MODES, positive_int
+from rsscene.device import AMP_MODES
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ValueError becomes argparse's one-line message."""
+
+    def parse_flag(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse_flag.__name__ = getattr(parse, "__name__", "value")
+    return parse_flag
 
 
 def comma_list(text: str) -> list[str]:
@@ -35,10 +56,10 @@ def add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from rsscene.config import check_size
     from rsscene.models.summary import format_table, summarize
 
-    if args.img_size < 32:
-        raise UserError(f"--img-size must be at least 32, got {args.img_size}")
+    check_size("img_size", args.img_size)
     archs = [args.arch] if args.arch else list(MODELS)
     rows = [summarize(a, args.variant, args.num_classes, args.img_size) for a in archs]
     if args.json:
@@ -213,7 +234,8 @@ def add_setting_flags(p: argparse.ArgumentParser, exclude: Sequence[str] = ()) -
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         else:
             flag = f"--{f.name.replace('_', '-')}"
-            p.add_argument(flag, type=meta["parse"] or kind, choices=meta["choices"], **options)
+            parse = flag_type(meta["parse"]) if meta["parse"] else kind
+            p.add_argument(flag, type=parse, choices=meta["choices"], **options)
 
 
 def add_train(sub: argparse._SubParsersAction) -> None:
@@ -350,7 +372,7 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rsscene.engine.device import select_device
+    from rsscene.device import select_device
     from rsscene.engine.evaluate import evaluate_checkpoint
 
     ckpt = Path(args.checkpoint)
@@ -410,7 +432,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import csv
     from pathlib import Path
 
-    from rsscene.engine.device import select_device
+    from rsscene.device import select_device
     from rsscene.inference import Predictor, collect_images
 
     out = Path(args.output) if args.output else None
@@ -525,7 +547,7 @@ def add_cam(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from rsscene.engine.device import select_device
+    from rsscene.device import select_device
     from rsscene.explain import write_cams
     from rsscene.inference import Predictor
 
@@ -640,7 +662,7 @@ def add_map(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from rsscene.engine.device import select_device
+    from rsscene.device import select_device
     from rsscene.inference import Predictor
     from rsscene.mapping import map_scene
 
@@ -787,7 +809,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rsscene.engine.device import select_device
+    from rsscene.device import select_device
 
     try:
         import python_multipart  # noqa: F401 - fastapi needs it only when a form arrives

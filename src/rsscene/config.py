@@ -7,7 +7,6 @@ by :func:`resolve` (a GPU affords more epochs and pixels in the same wall time).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -21,6 +20,8 @@ from typing import Any
 import yaml
 
 from rsscene.data.bands import parse_band_spec
+from rsscene.data.datasets import CACHE_MODES
+from rsscene.device import AMP_MODES
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
 
@@ -31,8 +32,6 @@ else:  # pragma: no cover
 
 SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-CACHE_MODES = ("auto", "memory", "disk", "none")
 LOGGERS = ("csv", "tensorboard", "mlflow")
 SAMPLERS = ("uniform", "balanced")
 
@@ -44,6 +43,7 @@ OPTIMIZER_DEFAULTS = {
     "adam": {"lr": 1e-3, "weight_decay": 0.0, "scaling": "sqrt"},
 }
 REFERENCE_BATCH = 64
+MIN_SIZE = 32
 OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 
 # Device-dependent defaults for the fields left at None.
@@ -53,29 +53,13 @@ DEVICE_DEFAULTS = {
 }
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1 (an argparse type)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def float_pair(text: str) -> tuple[float, float]:
-    """``MIN,MAX`` as two floats (an argparse type)."""
+    """``MIN,MAX`` as two floats; a ValueError names what was given."""
     try:
         lo, hi = (float(v) for v in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected MIN,MAX, got {text}") from None
+        raise ValueError(f"expected MIN,MAX, got {text}") from None
     return lo, hi
-
-
-def band_spec(text: str) -> str:
-    """A ``--bands`` value (an argparse type): ``all``, 1-based indexes or band names."""
-    try:
-        return parse_band_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--bands ")) from None
 
 
 def setting(
@@ -111,20 +95,15 @@ class TrainConfig:
     variant: str = setting(
         "v1.5", "v1.5: stride on the 3x3 conv; v1: as the paper", choices=VARIANTS
     )
-    epochs: int | None = setting(
-        help="epochs (default: 27 on a CPU, 100 on a GPU)", parse=positive_int
-    )
-    batch_size: int = setting(64, "images per step, per process", parse=positive_int)
-    img_size: int | None = setting(
-        help="training resolution (default: 96 on a CPU, 192 on a GPU)", parse=positive_int
-    )
+    epochs: int | None = setting(help="epochs (default: 27 on a CPU, 100 on a GPU)")
+    batch_size: int = setting(64, "images per step, per process")
+    img_size: int | None = setting(help="training resolution (default: 96 on a CPU, 192 on a GPU)")
     eval_size: int | None = setting(
-        help="test resolution (default: the training one; 1.25x it with crops)", parse=positive_int
+        help="test resolution (default: the training one; 1.25x it with crops)"
     )
     start_size: int | None = setting(
         help="progressive resizing: train the first epochs at this lower resolution, rising"
         " to --img-size over the --ramp part of the schedule (default: off)",
-        parse=positive_int,
         metavar="PX",
     )
     ramp: tuple[float, float] = setting(
@@ -169,7 +148,6 @@ class TrainConfig:
         help="bands of multi-band (GeoTIFF) files: all, 1-based indexes such as 4,3,2, or"
         " names the files carry; standardised by per-band mean/std of the training images"
         " (default: 8-bit RGB with ImageNet mean/std)",
-        parse=band_spec,
         metavar="BANDS",
     )
     normalize: bool = setting(True, "standardise inputs (ImageNet mean/std, or the bands')")
@@ -179,7 +157,6 @@ class TrainConfig:
         1,
         "evaluate the held-out splits every K epochs (the last epoch always); best.pt is"
         " chosen among the evaluated epochs",
-        parse=positive_int,
         metavar="K",
     )
     seed: int = setting(0, "seed of every random draw")
@@ -301,7 +278,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
             return float(value)
         if kind is tuple and isinstance(value, list | tuple) and len(value) == 2:
             return tuple(float(v) for v in value)
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
+    except (ValueError, TypeError):
         pass
     raise UserError(f"--{name.replace('_', '-')}: expected {kind.__name__}, got {value!r}")
 
@@ -333,6 +310,12 @@ def build(overrides: dict[str, Any], file: str | Path | None = None) -> TrainCon
     return cfg
 
 
+def check_size(name: str, value: int | None) -> None:
+    """Refuse an input side the network cannot take: its five halvings need 32 px."""
+    if value is not None and value < MIN_SIZE:
+        raise UserError(f"--{name.replace('_', '-')} must be at least {MIN_SIZE}, got {value}")
+
+
 def _choice(name: str, value: str, options: tuple[str, ...]) -> None:
     if value not in options:
         raise UserError(f"--{name.replace('_', '-')} {value!r} is not one of {', '.join(options)}")
@@ -358,9 +341,7 @@ def validate(cfg: TrainConfig) -> None:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("img_size", "eval_size", "start_size"):
-        value = getattr(cfg, name)
-        if value is not None and value < 32:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 32, got {value}")
+        check_size(name, getattr(cfg, name))
     if not cfg.save_interval >= 0:
         raise UserError(f"--save-interval must be at least 0, got {cfg.save_interval}")
     if cfg.lr is not None and not cfg.lr > 0:

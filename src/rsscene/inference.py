@@ -17,7 +17,7 @@ from torch import Tensor
 
 from rsscene.data.images import ImageError, is_image_file
 from rsscene.data.transforms import tta_logits
-from rsscene.engine.device import autocast
+from rsscene.device import autocast
 from rsscene.models import load_model
 
 

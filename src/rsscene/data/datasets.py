@@ -25,7 +25,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
-from rsscene.config import CACHE_MODES
 from rsscene.data.bands import Preprocess, band_stats, resolve_bands
 from rsscene.data.images import (
     BandPick,
@@ -42,6 +41,7 @@ from rsscene.errors import UserError
 log = logging.getLogger("rsscene")
 
 EVAL_FOLDERS = ("test", "val", "valid", "validation")
+CACHE_MODES = ("auto", "memory", "disk", "none")
 # The memory cache is chosen by "auto" while it needs less than this share of free RAM, and
 # moved to the GPU while it needs less than this share of the GPU's free memory.
 MEMORY_SHARE = 0.25

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from rsscene.data.datasets import BatchLoader, chunks, find_eval_folder, list_images
 from rsscene.data.transforms import MEAN, STD, eval_batch, tta_logits
-from rsscene.engine.device import autocast
+from rsscene.device import autocast
 from rsscene.errors import UserError
 
 

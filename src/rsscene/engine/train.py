@@ -37,14 +37,14 @@ from rsscene import checkpoint
 from rsscene.checkpoint import Checkpoint, TrainingState
 from rsscene.config import TrainConfig, resolve
 from rsscene.data.datasets import Batch, BatchLoader, TrainData, chunks, typical_side
-from rsscene.engine import distributed, loggers, recipe, runstate
-from rsscene.engine.device import (
+from rsscene.device import (
     amp_dtype,
     autocast,
     default_workers,
     select_device,
     set_determinism,
 )
+from rsscene.engine import distributed, loggers, recipe, runstate
 from rsscene.engine.evaluate import (
     Predictions,
     headline,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from rsscene.engine.device import amp_dtype
+from rsscene.device import amp_dtype
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping import outputs

@@ -9,6 +9,8 @@ import torch
 
 from rsscene.errors import UserError
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
 
 def select_device(name: str) -> torch.device:
     """``auto`` (CUDA, then MPS, then CPU) or a device name, refused where it is absent."""
