@@ -367,11 +367,21 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(str(e)) from None
 
 
+def is_resolved(cfg: TrainConfig, device_type: str, world: int = 1) -> bool:
+    """Whether ``cfg`` came from :func:`resolve` for this device and process count."""
+    return getattr(cfg, "_resolved_for", None) == (_kind(device_type), world)
+
+
+def _kind(device_type: str) -> str:
+    return "gpu" if device_type in ("cuda", "mps") else "cpu"
+
+
 def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:
     """Fill the settings left at ``None`` for the device and for ``world`` processes (each
-    with ``cfg.batch_size`` images a step); returns a new config. Refuses a ``--start-size``
-    above the training resolution, which may only be known here."""
-    kind = "gpu" if device_type in ("cuda", "mps") else "cpu"
+    with ``cfg.batch_size`` images a step); returns a new config, marked as resolved for
+    them. Refuses a ``--start-size`` above the training resolution, which may only be known
+    here."""
+    kind = _kind(device_type)
     defaults = DEVICE_DEFAULTS[kind]
     cfg = dataclasses.replace(cfg)
     if cfg.epochs is None:
@@ -395,4 +405,7 @@ def resolve(cfg: TrainConfig, device_type: str, world: int = 1) -> TrainConfig:
     if cfg.lr is None:
         ratio = cfg.batch_size * world / REFERENCE_BATCH
         cfg.lr = optim["lr"] * (ratio if optim["scaling"] == "linear" else ratio**0.5)
+    # Not a field: it is no setting, so it is neither a flag nor in config.json, and a copy
+    # made with dataclasses.replace (whose values may differ) is not marked.
+    cfg._resolved_for = (kind, world)
     return cfg

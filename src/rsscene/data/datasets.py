@@ -10,6 +10,8 @@ yield the same pixels, through :func:`rsscene.data.images.load_tensor`. The stor
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -503,13 +505,19 @@ def first_raster(images: ImageList) -> tuple[Raster, str]:
 class TrainData:
     """What a trainer reads: training batches, the held-out images evaluated after each epoch
     (``test``, and ``val`` when the split has one, which then chooses ``best.pt``), the class
-    names in label order, and ``preprocess``: the bands read and their statistics (8-bit RGB
-    with ImageNet mean/std unless built with ``bands``)."""
+    names in label order, and ``preprocess``: how the model is fed (bands, statistics, test
+    size, the images' side), built once here. Loaders of your own get 8-bit RGB with
+    ImageNet mean/std at the held-out images' size."""
 
     train: BatchLoader
     test: BatchLoader | None = None
     val: BatchLoader | None = None
-    preprocess: Preprocess = field(default_factory=Preprocess)
+    preprocess: Preprocess | None = None
+
+    def __post_init__(self) -> None:
+        if self.preprocess is None:
+            size = (self.test or self.train).size
+            self.preprocess = Preprocess(size, source_size=typical_side(self.train.images))
 
     @property
     def classes(self) -> list[str]:
@@ -523,7 +531,7 @@ class TrainData:
     def from_split(
         cls,
         root: str | Path,
-        img_size: int,
+        store_size: int,
         eval_size: int | None = None,
         cache: str = "auto",
         workers: int = 0,
@@ -531,31 +539,39 @@ class TrainData:
         strict: bool = False,
         progress: bool = True,
         bands: str | None = None,
+        normalize: bool = True,
     ) -> TrainData:
-        """Loaders over a prepared split: training images stored at ``img_size``, held-out
-        ones at ``eval_size`` (default: the same). ``bands`` (``all``, ``4,3,2``, names) reads
-        those bands of multi-band files, with per-band mean/std from the training images."""
+        """Loaders over a prepared split: training images stored at ``store_size`` (each
+        epoch's batches are resized from there), held-out ones at ``eval_size`` (default: the
+        same). ``bands`` (``all``, ``4,3,2``, names) reads those bands of multi-band files,
+        standardised (unless not ``normalize``) by per-band mean/std of the training images."""
         split = open_split(root)
-        eval_size = eval_size or img_size
+        eval_size = eval_size or store_size
         pick, names = None, None
         if bands is not None:
             raster, label = first_raster(split.train)
             pick, names = resolve_bands(bands, raster, label)
-        train = BatchLoader(split.train, img_size, cache, workers, device, strict, progress, pick)
+        loader = functools.partial(
+            BatchLoader,
+            workers=workers,
+            device=device,
+            strict=strict,
+            progress=progress,
+            bands=pick,
+        )
+        train = loader(split.train, store_size, cache)
         # Held-out images are decoded into a store even with --cache none: an unreadable one
         # must be left out and counted, not replaced by another as in training.
         eval_cache = "memory" if cache == "none" else cache
         held_out = {
-            name: BatchLoader(
-                images, eval_size, eval_cache, workers, device, strict, progress, pick
-            )
+            name: loader(images, eval_size, eval_cache)
             for name, images in (("test", split.test), ("val", split.val))
             if images is not None
         }
-        preprocess = Preprocess(eval_size)
+        pre = Preprocess(eval_size, source_size=typical_side(split.train))
         if pick is not None:
-            preprocess = Preprocess(
-                eval_size,
+            pre = dataclasses.replace(
+                pre,
                 bands=list(pick.indexes),
                 band_count=pick.count,
                 band_names=names,
@@ -563,5 +579,7 @@ class TrainData:
             )
             rows = chunks(list(range(len(train))), 256)
             batches = (b.images for b in train.batches(rows))
-            preprocess.mean, preprocess.std = band_stats(batches, preprocess.scale)
-        return cls(train, **held_out, preprocess=preprocess)
+            pre.mean, pre.std = band_stats(batches, pre.scale)
+        if not normalize:
+            pre.mean = pre.std = None
+        return cls(train, **held_out, preprocess=pre)

@@ -75,6 +75,18 @@ class Dist:
             dist.barrier()
 
 
+def wrap(net: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
+    """What the training step calls: ``net`` under DDP when a process group is joined (its
+    gradients are averaged over the ranks), else ``net`` itself."""
+    if not dist.enabled:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(
+        net, device_ids=[device.index] if device.type == "cuda" else None
+    )
+
+
 def setup(device_type: str) -> Dist:
     """Join the process group torchrun describes; NCCL on CUDA, Gloo on CPU."""
     world = world_size()

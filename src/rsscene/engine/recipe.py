@@ -15,8 +15,10 @@ from torch import Tensor, nn
 from rsscene import checkpoint
 from rsscene.config import TrainConfig
 from rsscene.data.bands import Preprocess
-from rsscene.data.datasets import chunks
+from rsscene.data.datasets import TrainData, chunks
 from rsscene.data.transforms import Augment, to_device
+from rsscene.device import default_workers
+from rsscene.engine import distributed
 from rsscene.errors import UserError
 from rsscene.models import (
     ResNet,
@@ -25,6 +27,23 @@ from rsscene.models import (
     load_backbone,
     load_pretrained,
 )
+
+
+def split_data(cfg: TrainConfig, device: torch.device, progress: bool) -> TrainData:
+    """The split ``cfg.data`` names, its training images stored at the largest size an epoch
+    trains or tests at."""
+    return TrainData.from_split(
+        cfg.data,
+        store_size=max(cfg.img_size, cfg.eval_size),
+        eval_size=cfg.eval_size,
+        cache=cfg.cache,
+        workers=default_workers() if cfg.workers is None else cfg.workers,
+        device=device,
+        strict=cfg.strict,
+        progress=progress,
+        bands=cfg.bands,
+        normalize=cfg.normalize,
+    )
 
 
 def build_model(
@@ -63,6 +82,26 @@ def build_model(
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("fc.")
     return model, note
+
+
+def place_model(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, dist: distributed.Dist
+) -> tuple[nn.Module, nn.Module | None, nn.Module]:
+    """``model`` made ready to train as ``cfg`` says: ``(net, ema, forward)``, the model on
+    the device (SyncBatchNorm under torchrun with ``--sync-bn``, channels_last), its EMA
+    (None without ``--ema``), and what a step calls (DDP, compiled with ``--compile``)."""
+    if cfg.sync_bn and dist.enabled:
+        model = distributed.convert_sync_batchnorm(model, device.type)
+    net = model.to(device)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.ema > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    forward = distributed.wrap(net, dist, device)
+    return net, ema, torch.compile(forward) if cfg.compile else forward
 
 
 def param_groups(model: nn.Module, weight_decay: float, wd_norm_bias: bool) -> list[dict]:
@@ -137,6 +176,23 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def steps_per_epoch(n: int, batch_size: int, dist: distributed.Dist) -> int:
+    """Optimisation steps in an epoch of ``n`` images, ``batch_size`` per process (a last
+    partial global batch is dropped)."""
+    if n < dist.world:
+        raise UserError(f"{n} training images cannot be shared among {dist.world} processes")
+    return len(chunks(list(range(n)), batch_size * dist.world, drop_last=True))
+
+
+def train_mode(forward: nn.Module, net: nn.Module, freeze_backbone: bool) -> None:
+    """Training mode, but for a frozen backbone's BatchNorm, whose statistics stay fixed."""
+    forward.train()
+    if freeze_backbone:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 def make_scheduler(
     cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
@@ -149,12 +205,11 @@ def make_scheduler(
     )
 
 
-def make_augment(cfg: TrainConfig, pre: Preprocess | None = None) -> Augment:
-    """The batch augmentation ``cfg`` describes, at the training resolution, standardising
-    as ``pre`` says (default: 8-bit RGB with ImageNet mean/std)."""
-    pre = pre or Preprocess()
+def make_augment(cfg: TrainConfig, pre: Preprocess, size: int) -> Augment:
+    """The batch augmentation ``cfg`` describes, to ``size`` pixels (the epoch's
+    :func:`train_size`), standardising as ``pre`` says."""
     return Augment(
-        cfg.img_size,
+        size,
         scale=cfg.crop_scale,
         dihedral=cfg.augment == "dihedral",
         hflip=cfg.augment == "hflip",

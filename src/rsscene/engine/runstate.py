@@ -16,10 +16,12 @@ from typing import Any
 import torch
 
 from rsscene import __version__, checkpoint
-from rsscene.checkpoint import Checkpoint
+from rsscene.checkpoint import Checkpoint, TrainingState
 from rsscene.config import TrainConfig, field_names, from_dict
-from rsscene.data.datasets import ImageList
+from rsscene.data.bands import Preprocess
+from rsscene.data.datasets import ImageList, TrainData
 from rsscene.engine import distributed
+from rsscene.engine.evaluate import headline
 from rsscene.errors import UserError
 
 
@@ -34,10 +36,130 @@ class RunState:
     # The epoch's training sums over all ranks up to an interruption mid-epoch.
     partial: dict[str, float] = field(default_factory=dict)
 
+    def training_state(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        net: torch.nn.Module,
+        ema: torch.nn.Module | None,
+    ) -> TrainingState:
+        """What ``--resume`` continues from: these parts' states and this progress."""
+        return TrainingState(
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            history=self.history,
+            best=self.best,
+            partial=self.partial,
+            rng=torch.get_rng_state(),
+            scaler=scaler.state_dict() if scaler.is_enabled() else {},
+            # With EMA the checkpoint's weights are the average: the raw ones are kept here.
+            model=net.state_dict() if ema is not None else None,
+            ema=ema.state_dict() if ema is not None else None,
+        )
+
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint) -> RunState:
         st = ckpt.state
         return cls(ckpt.next_epoch, ckpt.next_step, st.history, st.best, st.partial)
+
+
+def epoch_row(
+    epoch: int,
+    sums: dict[str, float],
+    results: dict[str, tuple[dict[str, Any], Any]],
+    lr: float,
+) -> dict[str, Any]:
+    """metrics.csv's row for ``epoch``: the training ``sums`` and the held-out ``results``
+    (empty cells for a split not evaluated this epoch)."""
+    test, val = results.get("test", ({}, None))[0], results.get("val", ({}, None))[0]
+    seen = max(sums["seen"], 1)
+    return {
+        "epoch": epoch + 1,
+        "train_loss": round(sums["loss_sum"] / seen, 5),
+        "train_acc": round(sums["correct"] / seen, 5),
+        **{
+            column: round(part[key], 5) if part else ""
+            for column, part, key in (
+                ("test_loss", test, "loss"),
+                ("test_acc", test, "accuracy"),
+                ("test_aa", test, "average_accuracy"),
+                ("test_kappa", test, "kappa"),
+                ("val_acc", val, "accuracy"),
+            )
+        },
+        "lr": f"{lr:.6g}",
+        "images_per_s": round(sums["images_per_s"], 1),
+        "seconds": round(sums["seconds"], 2),
+    }
+
+
+def run_record(
+    cfg: TrainConfig,
+    classes: list[str],
+    device: torch.device,
+    amp: torch.dtype | None,
+    dist: distributed.Dist,
+    loss_weights: torch.Tensor | None,
+) -> dict[str, Any]:
+    """config.json: every resolved setting and what the run was given."""
+    record = {
+        **cfg.to_dict(),
+        "class_names": classes,
+        "versions": versions(),
+        "device": str(device),
+        "amp": str(amp).replace("torch.", ""),
+        "world_size": dist.world,
+        "effective_batch": cfg.batch_size * dist.world,
+    }
+    if loss_weights is not None:
+        record["class_weight_values"] = dict(zip(classes, loss_weights.tolist(), strict=True))
+    return record
+
+
+def final_report(
+    cfg: TrainConfig,
+    state: RunState,
+    classes: list[str],
+    final: dict[str, Any],
+    tta: dict[str, Any],
+    val_accuracy: float | None,
+) -> dict[str, Any]:
+    """report.json: the final weights' test report (``final``, and ``tta``'s accuracy),
+    their validation accuracy, and the best epoch."""
+    best_note = (
+        "best.pt is the epoch with the highest accuracy on the held-out validation split"
+        if state.best.get("split") == "val"
+        else "best.pt was selected on the test split itself, so its accuracy is optimistic;"
+        " report the final epoch's"
+    )
+    return {
+        "headline": "test accuracy of the final epoch's weights",
+        "test_accuracy": final["accuracy"],
+        "test_accuracy_tta": tta["accuracy"],
+        "metrics": headline(final),
+        # The final weights on the validation split: what a recipe is chosen by.
+        "val_accuracy": val_accuracy,
+        "best": {**state.best, "note": best_note},
+        "epochs": cfg.epochs,
+        "train_seconds": round(sum(float(r["seconds"]) for r in state.history), 2),
+        "arch": cfg.arch,
+        "class_names": classes,
+        "test": final,
+    }
+
+
+def checked_preprocess(data: TrainData, cfg: TrainConfig) -> Preprocess:
+    """The data's :class:`Preprocess`, refused where it disagrees with ``cfg`` (resolved):
+    the model is tested and recorded as the data feeds it."""
+    pre = data.preprocess
+    if pre.size != cfg.eval_size or pre.normalize != cfg.normalize:
+        raise UserError(
+            f"the data feeds {pre.size} px images{'' if pre.normalize else ' unstandardised'},"
+            f" the settings ask for --eval-size {cfg.eval_size}"
+            f"{'' if cfg.normalize else ' --no-normalize'}: build both from the same settings"
+        )
+    return pre
 
 
 def versions() -> dict[str, str]:
@@ -108,9 +230,34 @@ def run_folder(resume: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+# The checkpoint resume_config read, kept for the Trainer that resumes from it, so that a
+# resume reads its (up to hundreds of MB) last.pt once: keyed by the file's path, size and
+# modification time, and handed over once.
+_loaded: tuple[tuple[str, int, int], Checkpoint] | None = None
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+def load_resume(run: str | Path) -> Checkpoint:
+    """The checkpoint a resume continues from (a run folder or its last.pt), read once for
+    :func:`resume_config` and the Trainer together."""
+    global _loaded
+    path = checkpoint.resolve_path(run)
+    held, _loaded = _loaded, None
+    if held is not None and held[0] == _key(path):
+        return held[1]
+    return checkpoint.load(path)
+
+
 def resume_config(run: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     """The saved configuration of a run, with the settings a resume may change, validated."""
-    ckpt = checkpoint.load(run)
+    global _loaded
+    path = checkpoint.resolve_path(run)
+    ckpt = checkpoint.load(path)
+    _loaded = (_key(path), ckpt)
     saved = {k: v for k, v in ckpt.config.items() if k in field_names()}
     if "batch_size" not in saved:
         raise UserError(f"cannot resume from {run}: it holds no training configuration")
