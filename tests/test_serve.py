@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import os
@@ -30,7 +31,7 @@ from rsscene.models import create_model
 fastapi = pytest.importorskip("fastapi", reason="serving needs the serve extra (rsscene[serve])")
 from fastapi.testclient import TestClient  # noqa: E402 - after the skip
 
-from rsscene.serve.app import create_app  # noqa: E402
+from rsscene.serve.app import ApiError, ServeState, create_app  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 SIZE = 64
@@ -269,6 +270,33 @@ def test_decoding_runs_in_a_bounded_pool(client, monkeypatch):
         )
     assert statuses == [200] * 8
     assert most == DECODE_WORKERS  # 8 requests at once, never more than the pool's threads
+
+
+def test_serve_state_predicts_and_refuses_alone(ckpt):
+    """The routes' logic through the state alone: no app, no HTTP client, no middleware."""
+    state = ServeState.load(ckpt, topk=3, batch_wait_ms=1, max_pixels=MAX_PIXELS)
+
+    async def use() -> tuple[list[dict], ApiError]:
+        await state.start()
+        try:
+            answers = await state.predict([("a.png", _png(0)), ("b.png", _png(1))])
+            with pytest.raises(ApiError) as refused:
+                await state.predict([("zeros.png", _zeros_png(500, 500))])
+            return answers, refused.value
+        finally:
+            await state.stop()
+
+    answers, refused = asyncio.run(use())
+    predictor = state.predictor
+    direct = predictor.top(predictor.probabilities([predictor.load(_png(1), name="b")]), 3)
+    assert [p["file"] for p in answers] == ["a.png", "b.png"]
+    assert [t["class"] for t in answers[1]["top"]] == [c for c, _ in direct[0]]
+    assert [t["probability"] for t in answers[1]["top"]] == pytest.approx(
+        [p for _, p in direct[0]], abs=1e-4
+    )
+    assert refused.status == 413 and f"the limit is {MAX_PIXELS:,} a request" in refused.message
+    # One model call for the two images; the refused image never reached the model.
+    assert (state.metrics.model_calls, state.metrics.images) == (1, 2)
 
 
 @pytest.mark.parametrize(

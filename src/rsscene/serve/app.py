@@ -12,6 +12,10 @@
                    ``?tile=PX&stride=PX`` as the command's)
 ``GET /classes``, ``GET /health``, ``GET /metrics``, and ``GET /``: the one-page web UI.
 
+The routes are module-level functions that get one :class:`ServeState` (the predictor, the
+model's worker, the limits, the decoding pool, the metrics) as a FastAPI dependency;
+:func:`create_app` builds that state and registers the middleware, error handlers and routes.
+
 The checkpoint is loaded once. Predictions are micro-batched: each request's decoded images
 join a queue; one task gathers what arrives within ``batch_wait_ms`` (up to ``max_batch``
 images) and makes one model call. Every model call, prediction or Grad-CAM, runs in one
@@ -41,14 +45,14 @@ import logging
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.datastructures import UploadFile
@@ -65,6 +69,10 @@ from rsscene.inference import Prediction, Predictor
 from rsscene.mapping import map_scene
 
 DEFAULT_MAX_BYTES = 10_000_000
+DEFAULT_MAX_FILES = 16
+DEFAULT_TOPK = 5
+DEFAULT_BATCH_WAIT_MS = 5.0
+DEFAULT_MAX_BATCH = 32
 # Decoding takes up to about 20 bytes a pixel at its peak (RGBA, composited, then resized), so
 # 40 megapixels a request and 2 decoding threads keep decoding under about 1.6 GB in all.
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -395,15 +403,198 @@ def _map_upload(
     return {**summary, "scene": name}, png
 
 
+@dataclasses.dataclass
+class ServeState:
+    """What every route shares: the checkpoint's predictor, the model's worker, the limits,
+    the decoding pool and the metrics. It needs no app, so its logic can be driven alone."""
+
+    predictor: Predictor
+    worker: ModelWorker
+    metrics: Metrics
+    page: str
+    max_files: int
+    topk: int
+    max_pixels: int
+    decode_workers: int
+    decoders: ThreadPoolExecutor = dataclasses.field(init=False, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        ckpt_path: str | Path,
+        *,
+        device: str = "cpu",
+        max_files: int = DEFAULT_MAX_FILES,
+        topk: int = DEFAULT_TOPK,
+        batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        decode_workers: int = DEFAULT_DECODE_WORKERS,
+    ) -> ServeState:
+        """The state for one checkpoint, loaded now (a bad checkpoint fails here, not per
+        request); :meth:`start` it inside the running loop before use."""
+        predictor = Predictor(ckpt_path, device=device)
+        metrics = Metrics()
+        worker = ModelWorker(predictor, max_batch, batch_wait_ms / 1000, metrics)
+        page = PAGE.read_text(encoding="utf-8")
+        return cls(predictor, worker, metrics, page, max_files, topk, max_pixels, decode_workers)
+
+    async def start(self) -> None:
+        """Start the decoding pool and the model's thread and batcher."""
+        # Created here, like the model's thread, so the app can be started more than once.
+        self.decoders = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="rsscene-decode")
+        await self.worker.start()
+
+    async def stop(self) -> None:
+        """Stop what :meth:`start` started, waiting for the work in progress."""
+        await self.worker.stop()
+        self.decoders.shutdown(wait=True)
+
+    def load_images(self, items: list[tuple[str, bytes]]) -> list[Tensor]:
+        """The images decoded, or an :class:`ApiError`: 413 from their headers alone when they
+        would take more than ``max_pixels`` in all, 422 for one that is not a usable image.
+        It blocks: :meth:`decode` runs it in the decoding pool."""
+        try:
+            sizes = [image_size(data, name=name) for name, data in items]
+            pixels = sum(w * h for w, h in sizes)
+            if pixels > self.max_pixels:
+                raise ApiError(
+                    413,
+                    f"the images of this request would decode to {pixels:,} pixels;"
+                    f" the limit is {self.max_pixels:,} a request",
+                )
+            return [self.predictor.load(data, name=name) for name, data in items]
+        except ImageError as e:
+            raise ApiError(422, str(e)) from None
+
+    async def decode(self, items: list[tuple[str, bytes]]) -> list[Tensor]:
+        """:meth:`load_images` in the decoding pool, off the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.decoders, self.load_images, items)
+
+    async def predict(self, items: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
+        """Each image's top ``topk`` classes, from a micro-batched model call."""
+        probs = await self.worker.probabilities(await self.decode(items))
+        tops = self.predictor.top(probs, self.topk)
+        return [Prediction(name, top).as_dict() for (name, _), top in zip(items, tops, strict=True)]
+
+
+def _cam_pngs(
+    predictor: Predictor, image: Tensor, class_idx: int | None, pre: Preprocess
+) -> tuple[bytes, bytes, int, float]:
+    """Grad-CAM of ``image``: the overlay PNG, the image as drawn under it, the class explained
+    and its probability."""
+    heat, idx, probs = explain(predictor, image, class_idx)
+    shown = render_rgb(image, pre)
+    return overlay_png(shown, heat), image_png(shown), idx, float(probs[idx])
+
+
+def serve_state(request: Request) -> ServeState:
+    """The app's :class:`ServeState`: the dependency through which every route gets it."""
+    return request.app.state.serve
+
+
+State = Annotated[ServeState, Depends(serve_state)]
+routes = APIRouter()
+
+
+@routes.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index(state: State) -> HTMLResponse:
+    return HTMLResponse(state.page)
+
+
+@routes.get("/health")
+async def health(state: State) -> dict[str, Any]:
+    predictor = state.predictor
+    pre = predictor.pre
+    return {
+        "status": "ok",
+        "arch": predictor.arch,
+        "classes": len(predictor.classes),
+        "input_size": predictor.size,
+        # Multi-band models only: an RGB model's answer stays as it was.
+        **({"bands": pre.bands, "band_names": pre.band_names} if pre.bands else {}),
+    }
+
+
+@routes.get("/classes")
+async def classes(state: State) -> dict[str, Any]:
+    return {"classes": state.predictor.classes}
+
+
+@routes.get("/metrics")
+async def get_metrics(state: State) -> dict[str, Any]:
+    return state.metrics.as_dict()
+
+
+@routes.post("/predict")
+async def predict(request: Request, state: State) -> dict[str, Any]:
+    items = await read_images(request, state.max_files)
+    return {"predictions": await state.predict(items)}
+
+
+@routes.post("/cam", response_model=None)
+async def cam(
+    request: Request,
+    state: State,
+    class_name: str | None = Query(None, alias="class"),
+    format: Literal["png", "json"] = "png",
+    show: str | None = None,
+) -> Response | dict[str, Any]:
+    predictor = state.predictor
+    try:
+        class_idx = class_index(predictor.classes, class_name)
+        pre = shown_as(predictor.pre, show)
+    except UserError as e:
+        raise ApiError(422, str(e)) from None
+    items = await read_images(request, 1)
+    (image,) = await state.decode(items)
+    png, shown, idx, prob = await state.worker.call(_cam_pngs, predictor, image, class_idx, pre)
+    if format == "json":
+        return {
+            "file": items[0][0],
+            "class": predictor.classes[idx],
+            "probability": round(prob, 6),
+            "png": base64.b64encode(png).decode(),
+            "image": base64.b64encode(shown).decode(),
+        }
+    return Response(png, media_type="image/png")
+
+
+@routes.post("/map", response_model=None)
+async def map_upload(
+    request: Request,
+    state: State,
+    tile: int | None = Query(None, ge=8),
+    stride: int | None = Query(None, ge=1),
+    format: Literal["json", "png"] = "json",
+) -> Response | dict[str, Any]:
+    ((name, data),) = await read_images(request, 1)
+    summary, png = await state.worker.call(
+        _map_upload, state.predictor, name, data, tile, stride, state.max_pixels
+    )
+    if format == "png":
+        return Response(png, media_type="image/png")
+    return {"summary": summary, "overlay": base64.b64encode(png).decode()}
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServeState = app.state.serve
+    await state.start()
+    yield
+    await state.stop()
+
+
 def create_app(
     ckpt_path: str | Path,
     *,
     device: str = "cpu",
     max_bytes: int = DEFAULT_MAX_BYTES,
-    max_files: int = 16,
-    topk: int = 5,
-    batch_wait_ms: float = 5.0,
-    max_batch: int = 32,
+    max_files: int = DEFAULT_MAX_FILES,
+    topk: int = DEFAULT_TOPK,
+    batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
+    max_batch: int = DEFAULT_MAX_BATCH,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode_workers: int = DEFAULT_DECODE_WORKERS,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
@@ -414,129 +605,25 @@ def create_app(
     ``allowed_hosts``: the names a request's Host header may give (None: any, for a server
     bound to every interface or a test client).
     """
-    predictor = Predictor(ckpt_path, device=device)
-    metrics = Metrics()
-    worker = ModelWorker(predictor, max_batch, batch_wait_ms / 1000, metrics)
-    page = PAGE.read_text(encoding="utf-8")
-    decoders: ThreadPoolExecutor | None = None
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        nonlocal decoders
-        # Created here, like the model's thread, so the app can be started more than once.
-        decoders = ThreadPoolExecutor(decode_workers, thread_name_prefix="rsscene-decode")
-        await worker.start()
-        yield
-        await worker.stop()
-        decoders.shutdown(wait=True)
-
-    app = FastAPI(title="rsscene", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.predictor = predictor
-    app.state.metrics = metrics
+    state = ServeState.load(
+        ckpt_path,
+        device=device,
+        max_files=max_files,
+        topk=topk,
+        batch_wait_ms=batch_wait_ms,
+        max_batch=max_batch,
+        max_pixels=max_pixels,
+        decode_workers=decode_workers,
+    )
+    app = FastAPI(title="rsscene", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    app.state.serve = state
+    app.state.predictor = state.predictor
+    app.state.metrics = state.metrics
     # Added last = outermost: metrics also count what BodyLimit and HostCheck refuse.
     app.add_middleware(BodyLimit, max_bytes=max_bytes, timeout=body_timeout)
     if allowed_hosts is not None:
         app.add_middleware(HostCheck, allowed=allowed_hosts)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _answer_errors(app)
-
-    async def decode(items: list[tuple[str, bytes]]) -> list[Tensor]:
-        def load_all() -> list[Tensor]:
-            try:
-                sizes = [image_size(data, name=name) for name, data in items]
-                pixels = sum(w * h for w, h in sizes)
-                if pixels > max_pixels:
-                    raise ApiError(
-                        413,
-                        f"the images of this request would decode to {pixels:,} pixels;"
-                        f" the limit is {max_pixels:,} a request",
-                    )
-                return [predictor.load(data, name=name) for name, data in items]
-            except ImageError as e:
-                raise ApiError(422, str(e)) from None
-
-        return await asyncio.get_running_loop().run_in_executor(decoders, load_all)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index() -> HTMLResponse:
-        return HTMLResponse(page)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        pre = predictor.pre
-        return {
-            "status": "ok",
-            "arch": predictor.arch,
-            "classes": len(predictor.classes),
-            "input_size": predictor.size,
-            # Multi-band models only: an RGB model's answer stays as it was.
-            **({"bands": pre.bands, "band_names": pre.band_names} if pre.bands else {}),
-        }
-
-    @app.get("/classes")
-    async def classes() -> dict[str, Any]:
-        return {"classes": predictor.classes}
-
-    @app.get("/metrics")
-    async def get_metrics() -> dict[str, Any]:
-        return metrics.as_dict()
-
-    @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
-        items = await read_images(request, max_files)
-        probs = await worker.probabilities(await decode(items))
-        tops = predictor.top(probs, topk)
-        return {
-            "predictions": [
-                Prediction(name, top).as_dict() for (name, _), top in zip(items, tops, strict=True)
-            ]
-        }
-
-    @app.post("/cam", response_model=None)
-    async def cam(
-        request: Request,
-        class_name: str | None = Query(None, alias="class"),
-        format: Literal["png", "json"] = "png",
-        show: str | None = None,
-    ) -> Response | dict[str, Any]:
-        try:
-            class_idx = class_index(predictor.classes, class_name)
-            pre = shown_as(predictor.pre, show)
-        except UserError as e:
-            raise ApiError(422, str(e)) from None
-        items = await read_images(request, 1)
-        (image,) = await decode(items)
-
-        def run() -> tuple[bytes, bytes, int, float]:
-            heat, idx, probs = explain(predictor, image, class_idx)
-            shown = render_rgb(image, pre)
-            return overlay_png(shown, heat), image_png(shown), idx, float(probs[idx])
-
-        png, shown, idx, prob = await worker.call(run)
-        if format == "json":
-            return {
-                "file": items[0][0],
-                "class": predictor.classes[idx],
-                "probability": round(prob, 6),
-                "png": base64.b64encode(png).decode(),
-                "image": base64.b64encode(shown).decode(),
-            }
-        return Response(png, media_type="image/png")
-
-    @app.post("/map", response_model=None)
-    async def map_upload(
-        request: Request,
-        tile: int | None = Query(None, ge=8),
-        stride: int | None = Query(None, ge=1),
-        format: Literal["json", "png"] = "json",
-    ) -> Response | dict[str, Any]:
-        ((name, data),) = await read_images(request, 1)
-        summary, png = await worker.call(
-            _map_upload, predictor, name, data, tile, stride, max_pixels
-        )
-        if format == "png":
-            return Response(png, media_type="image/png")
-        return {"summary": summary, "overlay": base64.b64encode(png).decode()}
-
+    app.include_router(routes)
     return app
