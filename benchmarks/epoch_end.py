@@ -63,7 +63,7 @@ def run(
         }
     )
     trainer = Trainer.from_config(cfg, log=lambda *_: None)
-    trainer.writes = BackgroundWrites(threaded=threaded)
+    trainer.recorder.writes = BackgroundWrites(threaded=threaded)
     start = time.perf_counter()
     trainer.fit()
     total = time.perf_counter() - start

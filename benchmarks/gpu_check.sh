@@ -102,7 +102,7 @@ with warnings.catch_warnings(record=True) as caught:
     trainer.train_epoch(0, steps)
     trainer.evaluate(trainer.data.test)
     trainer.evaluate(trainer.data.test, tta=True)
-    trainer.save("last.pt")
+    trainer.recorder.save_now(trainer.checkpoint())
     torch.cuda.set_sync_debug_mode(0)
 for w in caught:
     if "synchroniz" in str(w.message):

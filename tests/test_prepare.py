@@ -14,7 +14,14 @@ from PIL import Image
 
 from rsscene.cli import main
 from rsscene.data.images import open_image
-from rsscene.data.prepare import format_report, prepare
+from rsscene.data.prepare import (
+    ListedSplit,
+    PerClassCounts,
+    RatioSplit,
+    SplitPlan,
+    format_report,
+    prepare,
+)
 from rsscene.errors import UserError
 
 CLASSES = ["bridge", "forest", "harbor", "lake", "meadow"]
@@ -147,6 +154,68 @@ def test_a_bad_split_file_is_refused_in_one_line(raw, tmp_path, lines, error):
     with pytest.raises(UserError, match=error):
         prepare(raw, tmp_path / "out", split_file=listing)
     assert not (tmp_path / "out").exists()
+
+
+def test_split_plan_counts_each_mode_and_refuses_bad_combinations(raw, tmp_path):
+    def counts(plan: SplitPlan, *sizes: int) -> list[tuple[int, int, int]]:
+        return [(c["train"], c["val"], c["test"]) for c in map(plan.counts, sizes)]
+
+    # No mode named: a test ratio of 0.1, rounded half up, at least 1 per class.
+    default = SplitPlan.from_options()
+    assert default == RatioSplit("test", 0.1)
+    assert counts(default, 5, 12, 45) == [(4, 0, 1), (11, 0, 1), (40, 0, 5)]
+    plan = SplitPlan.from_options(test_ratio=0.25, val_ratio=0.2)
+    assert counts(plan, 7, 12) == [(4, 1, 2), (7, 2, 3)]
+    assert plan.shortfall(3) is None
+    assert plan.shortfall(2) == "too few for 1 test + 1 val + at least 1 train"
+    assert plan.options() == {
+        "train_per_class": None,
+        "val_per_class": None,
+        "test_per_class": None,
+        "test_ratio": 0.25,
+        "val_ratio": 0.2,
+        "train_ratio": None,
+    }
+    # The training ratio sizes train; the rest tests.
+    plan = SplitPlan.from_options(train_ratio=0.2)
+    assert plan == RatioSplit("train", 0.2)
+    assert counts(plan, 12, 100) == [(2, 0, 10), (20, 0, 80)]
+    assert plan.shortfall(1) == "too few for 1 train + at least 1 test"
+    assert plan.options()["train_ratio"] == 0.2 and plan.options()["test_ratio"] is None
+    # Exact counts do not depend on the class size, only whether it can fill them.
+    plan = SplitPlan.from_options(train_per_class=8, test_per_class=3, val_per_class=2)
+    assert plan == PerClassCounts(8, 3, 2)
+    assert counts(plan, 13, 40) == [(8, 2, 3), (8, 2, 3)]
+    assert plan.shortfall(13) is None
+    assert plan.shortfall(12) == "13 requested (8 train + 2 val + 3 test)"
+    assert plan.options()["val_ratio"] is None
+    assert PerClassCounts(8, 3).options()["val_per_class"] is None  # not asked, not 0
+    # A split file gives every part; split.json records which file, by path and content.
+    listing = tmp_path / "list.txt"
+    listing.write_text("train bridge/bridge_000.jpg\ntest bridge/bridge_001.jpg\n")
+    plan = SplitPlan.from_options(split_file=listing)
+    assert plan == ListedSplit(listing)
+    assert plan.options()["split_file"] == str(listing.resolve())
+    assert len(plan.options()["split_file_sha256"]) == 64
+
+    refused = "--test-ratio cannot be combined with --train-per-class/--test-per-class"
+    with pytest.raises(UserError) as e:
+        SplitPlan.from_options(train_per_class=8, test_per_class=3, test_ratio=0.1)
+    assert str(e.value) == refused
+    # prepare refuses it itself (the CLI need not), before it writes anything
+    with pytest.raises(UserError) as e:
+        prepare(raw, tmp_path / "out", train_per_class=8, test_per_class=3, test_ratio=0.1)
+    assert str(e.value) == refused and not (tmp_path / "out").exists()
+    for options, error in (
+        ({"train_per_class": 8}, "must be given together"),
+        ({"val_per_class": 2}, "--val-per-class needs"),
+        ({"train_per_class": 8, "test_per_class": 3, "val_ratio": 0.1}, "use --val-per-class"),
+        ({"split_file": listing, "val_ratio": 0.1}, "it takes no counts or ratios"),
+        ({"test_ratio": 0.5, "val_ratio": 0.5}, "must leave room for training"),
+        ({"train_per_class": 0, "test_per_class": 3}, "--train-per-class must be at least 1"),
+    ):
+        with pytest.raises(UserError, match=error):
+            SplitPlan.from_options(**options)
 
 
 def test_deterministic_and_seeded(raw, tmp_path):

@@ -24,6 +24,10 @@ unchanged, and adding or removing a file (a corrupt one fixed, say) moves no oth
 A training ratio (``train_ratio``, the remote-sensing protocol: that share of each class
 trains, the rest tests) plans the counts the same way. A split file (``split_file``) instead
 reproduces a published split list: every line names a part and a file.
+
+Each of these modes is one :class:`SplitPlan`, built once from prepare's options: it refuses
+a combination that makes no sense, decides each file's part, and says how ``split.json``
+records it.
 """
 
 from __future__ import annotations
@@ -36,11 +40,13 @@ import os
 import re
 import shutil
 import sys
+from abc import ABC, abstractmethod
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from rsscene.data.images import ImageError, is_image_file, read_image
 from rsscene.errors import UserError
@@ -136,66 +142,6 @@ class _Checked:
 # --------------------------------------------------------------------------- helpers
 def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name in _JUNK_NAMES
-
-
-def _check_options(
-    train_per_class: int | None,
-    test_per_class: int | None,
-    val_per_class: int | None,
-    test_ratio: float | None,
-    val_ratio: float,
-    mode: str,
-    train_ratio: float | None = None,
-    split_file: str | Path | None = None,
-) -> None:
-    if mode not in MODES:
-        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    counts = (train_per_class, test_per_class, val_per_class)
-    if split_file is not None:
-        if any(v is not None for v in (*counts, train_ratio, test_ratio)) or val_ratio:
-            raise UserError("--split-file sets every part: it takes no counts or ratios")
-        return
-    if train_ratio is not None:
-        if any(v is not None for v in counts) or test_ratio is not None:
-            raise UserError(
-                "--train-ratio cannot be combined with --test-ratio or per-class counts"
-                " (the images it leaves out of train and val are the test part)"
-            )
-        if not 0 < train_ratio < 1:
-            raise UserError(f"--train-ratio must be between 0 and 1, got {train_ratio}")
-        if not 0 <= val_ratio < 1 or train_ratio + val_ratio >= 1:
-            raise UserError(
-                f"--train-ratio + --val-ratio must leave room for testing, got {train_ratio}"
-                f" + {val_ratio}"
-            )
-        return
-    if (train_per_class is None) != (test_per_class is None):
-        raise UserError("--train-per-class and --test-per-class must be given together")
-    if train_per_class is not None:
-        for flag, value in (
-            ("--train-per-class", train_per_class),
-            ("--test-per-class", test_per_class),
-        ):
-            if value < 1:
-                raise UserError(f"{flag} must be at least 1, got {value}")
-        if val_per_class is not None and val_per_class < 0:
-            raise UserError(f"--val-per-class must be at least 0, got {val_per_class}")
-        if val_ratio:
-            raise UserError("--val-ratio cannot be combined with exact counts; use --val-per-class")
-        return
-    if val_per_class is not None:
-        raise UserError("--val-per-class needs --train-per-class and --test-per-class")
-    if test_ratio is None:
-        raise UserError("give --test-ratio, --train-ratio, per-class counts or --split-file")
-    if not 0 < test_ratio < 1:
-        raise UserError(f"--test-ratio must be between 0 and 1, got {test_ratio}")
-    if not 0 <= val_ratio < 1:
-        raise UserError(f"--val-ratio must be between 0 and 1, got {val_ratio}")
-    if test_ratio + val_ratio >= 1:
-        raise UserError(
-            f"--test-ratio + --val-ratio must leave room for training, got {test_ratio} + "
-            f"{val_ratio}"
-        )
 
 
 def _inside(path: Path, parent: Path) -> bool:
@@ -338,50 +284,6 @@ def _order_key(seed: int, cls: str, name: str) -> tuple[str, str]:
 
 def _round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
-
-
-def _plan_counts(
-    available: dict[str, int],
-    train_per_class: int | None,
-    test_per_class: int | None,
-    val_per_class: int | None,
-    test_ratio: float | None,
-    val_ratio: float,
-    train_ratio: float | None = None,
-) -> dict[str, dict[str, int]]:
-    plan: dict[str, dict[str, int]] = {}
-    short: list[str] = []
-    for cls, n in available.items():
-        if train_per_class is not None:
-            want = {"train": train_per_class, "val": val_per_class or 0, "test": test_per_class}
-            need = sum(want.values())
-            if n < need:
-                asked = " + ".join(f"{want[p]} {p}" for p in PARTS if want[p])
-                short.append(f"{cls} has {n} good images, {need} requested ({asked})")
-        elif train_ratio is not None:
-            train = max(1, _round_half_up(n * train_ratio))
-            val = max(1, _round_half_up(n * val_ratio)) if val_ratio > 0 else 0
-            want = {"train": train, "val": val, "test": n - train - val}
-            if want["test"] < 1:
-                short.append(
-                    f"{cls} has {n} good images, too few for {train} train"
-                    + (f" + {val} val" if val else "")
-                    + " + at least 1 test"
-                )
-        else:
-            test = max(1, _round_half_up(n * test_ratio))
-            val = max(1, _round_half_up(n * val_ratio)) if val_ratio > 0 else 0
-            want = {"train": n - test - val, "val": val, "test": test}
-            if want["train"] < 1:
-                short.append(
-                    f"{cls} has {n} good images, too few for {test} test"
-                    + (f" + {val} val" if val else "")
-                    + " + at least 1 train"
-                )
-        plan[cls] = want
-    if short:
-        raise UserError("not enough images: " + "; ".join(short))
-    return plan
 
 
 # --------------------------------------------------------------------------- DST handling
@@ -588,20 +490,261 @@ def _resolve_listed(
     return listed
 
 
-def _assign_by_plan(
-    good: dict[str, list[_Checked]], plan: dict[str, dict[str, int]], seed: int
-) -> tuple[dict[str, list[tuple[str, _Checked]]], dict[str, int]]:
-    """Each class's (part, file) pairs in the keyed order, and the good files left unused."""
-    placed: dict[str, list[tuple[str, _Checked]]] = {}
-    unused: dict[str, int] = {}
-    for cls, checked in good.items():
-        ordered = sorted(checked, key=lambda c: _order_key(seed, cls, c.cand.name))
-        placed[cls], start = [], 0
-        for part in ("test", "val", "train"):  # test first, so adding val never changes test
-            placed[cls] += [(part, c) for c in ordered[start : start + plan[cls][part]]]
-            start += plan[cls][part]
-        unused[cls] = len(ordered) - start
-    return placed, unused
+# --------------------------------------------------------------------------- the split plan
+@dataclass(frozen=True)
+class _Listing:
+    """The chosen classes, their image files, and the entries of their folders left out."""
+
+    classes: list[str]
+    candidates: list[_Candidate]
+    skipped: list[Skipped]
+
+
+_Placed = dict[str, list[tuple[str, _Checked]]]  # class -> its (part, file) pairs
+_OPTION_NAMES = (
+    "train_per_class",
+    "val_per_class",
+    "test_per_class",
+    "test_ratio",
+    "val_ratio",
+    "train_ratio",
+)
+
+
+def _options(**given: object) -> dict[str, object]:
+    # split.json names every option, so a reader never has to know which ones a mode takes
+    return {**dict.fromkeys(_OPTION_NAMES), **given}
+
+
+class SplitPlan(ABC):
+    """One way to split, built once from :func:`prepare`'s options by :meth:`from_options`:
+    exact counts (:class:`PerClassCounts`), a test or training ratio (:class:`RatioSplit`), or
+    a published split list (:class:`ListedSplit`)."""
+
+    @staticmethod
+    def from_options(
+        *,
+        train_per_class: int | None = None,
+        test_per_class: int | None = None,
+        val_per_class: int | None = None,
+        test_ratio: float | None = None,
+        val_ratio: float = 0.0,
+        train_ratio: float | None = None,
+        split_file: str | Path | None = None,
+    ) -> SplitPlan:
+        """The plan the options ask for (a test ratio of 0.1 when they name no mode); a
+        combination that makes no sense raises :class:`UserError`."""
+        if train_per_class is not None and test_ratio is not None:
+            raise UserError(
+                "--test-ratio cannot be combined with --train-per-class/--test-per-class"
+            )
+        counts = (train_per_class, test_per_class, val_per_class)
+        if split_file is not None:
+            if any(v is not None for v in (*counts, train_ratio, test_ratio)) or val_ratio:
+                raise UserError("--split-file sets every part: it takes no counts or ratios")
+            return ListedSplit(split_file)
+        if train_ratio is not None:
+            if any(v is not None for v in counts) or test_ratio is not None:
+                raise UserError(
+                    "--train-ratio cannot be combined with --test-ratio or per-class counts"
+                    " (the images it leaves out of train and val are the test part)"
+                )
+            return RatioSplit("train", train_ratio, val_ratio)
+        if train_per_class is None or test_per_class is None:
+            if train_per_class is not None or test_per_class is not None:
+                raise UserError("--train-per-class and --test-per-class must be given together")
+            if val_per_class is not None:
+                raise UserError("--val-per-class needs --train-per-class and --test-per-class")
+            return RatioSplit("test", 0.1 if test_ratio is None else test_ratio, val_ratio)
+        plan = PerClassCounts(train_per_class, test_per_class, val_per_class)
+        if val_ratio:
+            raise UserError("--val-ratio cannot be combined with exact counts; use --val-per-class")
+        return plan
+
+    def select(self, listing: _Listing) -> tuple[SplitPlan, _Listing]:
+        """The plan bound to the files it splits, and those files (here: all of ``listing``)."""
+        return self, listing
+
+    @abstractmethod
+    def place(self, good: dict[str, list[_Checked]], seed: int) -> tuple[_Placed, dict[str, int]]:
+        """Each class's (part, file) pairs, and how many of its good files are left unused."""
+
+    @abstractmethod
+    def options(self) -> dict[str, object]:
+        """How split.json records this plan (its ``options``)."""
+
+
+class _CountedSplit(SplitPlan):
+    """A plan that gives every class a number of images per part, taken in the keyed order."""
+
+    @abstractmethod
+    def counts(self, n: int) -> dict[str, int]:
+        """How many train, val and test images a class of ``n`` good images gets."""
+
+    @abstractmethod
+    def shortfall(self, n: int) -> str | None:
+        """Why ``n`` good images cannot fill :meth:`counts`, or None when they can."""
+
+    def place(self, good: dict[str, list[_Checked]], seed: int) -> tuple[_Placed, dict[str, int]]:
+        short = [
+            f"{cls} has {len(files)} good images, {why}"
+            for cls, files in good.items()
+            if (why := self.shortfall(len(files)))
+        ]
+        if short:
+            raise UserError("not enough images: " + "; ".join(short))
+        placed: _Placed = {}
+        unused: dict[str, int] = {}
+        for cls, checked in good.items():
+            ordered = sorted(checked, key=lambda c: _order_key(seed, cls, c.cand.name))
+            want = self.counts(len(ordered))
+            placed[cls], start = [], 0
+            for part in ("test", "val", "train"):  # test first, so adding val never changes test
+                placed[cls] += [(part, c) for c in ordered[start : start + want[part]]]
+                start += want[part]
+            unused[cls] = len(ordered) - start
+        return placed, unused
+
+
+@dataclass(frozen=True)
+class PerClassCounts(_CountedSplit):
+    """Exactly ``train``, ``test`` and ``val`` images from every class; the rest stay unused."""
+
+    train: int
+    test: int
+    val: int | None = None  # None (not asked) splits like 0, but split.json records which
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--train-per-class", self.train), ("--test-per-class", self.test)):
+            if value < 1:
+                raise UserError(f"{flag} must be at least 1, got {value}")
+        if self.val is not None and self.val < 0:
+            raise UserError(f"--val-per-class must be at least 0, got {self.val}")
+
+    def counts(self, n: int) -> dict[str, int]:
+        return {"train": self.train, "val": self.val or 0, "test": self.test}
+
+    def shortfall(self, n: int) -> str | None:
+        want = self.counts(n)
+        need = sum(want.values())
+        if n >= need:
+            return None
+        asked = " + ".join(f"{want[p]} {p}" for p in PARTS if want[p])
+        return f"{need} requested ({asked})"
+
+    def options(self) -> dict[str, object]:
+        return _options(
+            train_per_class=self.train, val_per_class=self.val, test_per_class=self.test
+        )
+
+
+@dataclass(frozen=True)
+class RatioSplit(_CountedSplit):
+    """``ratio`` of every class goes to ``part`` ("test", or "train" for the remote-sensing
+    training ratio), ``val_ratio`` to val, the rest to the other part; each share is ``n *
+    ratio`` rounded half up, at least 1."""
+
+    part: Literal["test", "train"]
+    ratio: float
+    val_ratio: float = 0.0
+
+    @property
+    def rest(self) -> str:
+        """The part that takes what the ratios leave."""
+        return "train" if self.part == "test" else "test"
+
+    def __post_init__(self) -> None:
+        flag = f"--{self.part}-ratio"
+        if not 0 < self.ratio < 1:
+            raise UserError(f"{flag} must be between 0 and 1, got {self.ratio}")
+        # --test-ratio names a bad --val-ratio on its own; --train-ratio has always folded it
+        # into the room check, and its message stays as it was.
+        if self.part == "test" and not 0 <= self.val_ratio < 1:
+            raise UserError(f"--val-ratio must be between 0 and 1, got {self.val_ratio}")
+        if not 0 <= self.val_ratio < 1 or self.ratio + self.val_ratio >= 1:
+            room = "training" if self.rest == "train" else "testing"
+            raise UserError(
+                f"{flag} + --val-ratio must leave room for {room}, got {self.ratio} + "
+                f"{self.val_ratio}"
+            )
+
+    def counts(self, n: int) -> dict[str, int]:
+        share = max(1, _round_half_up(n * self.ratio))
+        val = max(1, _round_half_up(n * self.val_ratio)) if self.val_ratio > 0 else 0
+        return {self.part: share, "val": val, self.rest: n - share - val}
+
+    def shortfall(self, n: int) -> str | None:
+        want = self.counts(n)
+        if want[self.rest] >= 1:
+            return None
+        val = f" + {want['val']} val" if want["val"] else ""
+        return f"too few for {want[self.part]} {self.part}{val} + at least 1 {self.rest}"
+
+    def options(self) -> dict[str, object]:
+        return _options(**{f"{self.part}_ratio": self.ratio}, val_ratio=self.val_ratio)
+
+
+@dataclass(frozen=True)
+class ListedSplit(SplitPlan):
+    """The split a list gives (see :func:`read_split_file`): each listed file's part; files it
+    does not list are left out, unchecked and unreported."""
+
+    path: str | Path
+    # CLASS/name -> part, bound by select: a bare name in the list needs the class folders
+    part_of: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def select(self, listing: _Listing) -> tuple[SplitPlan, _Listing]:
+        """Only the listed files, their classes, and each file's part; a list that leaves
+        train or test empty is refused."""
+        listed = _resolve_listed(read_split_file(self.path), listing.candidates, self.path)
+        missing = {"train", "test"} - set(listed.values())
+        if missing:
+            raise UserError(f"--split-file {self.path}: lists no {min(missing)} files")
+        classes = [c for c in listing.classes if any(rel.startswith(f"{c}/") for rel in listed)]
+        candidates = [c for c in listing.candidates if c.rel in listed]
+        return replace(self, part_of=listed), _Listing(classes, candidates, [])
+
+    def place(self, good: dict[str, list[_Checked]], seed: int) -> tuple[_Placed, dict[str, int]]:
+        placed = {
+            cls: [(self.part_of[c.cand.rel], c) for c in files] for cls, files in good.items()
+        }
+        return placed, dict.fromkeys(good, 0)
+
+    def options(self) -> dict[str, object]:
+        """Besides the (unused) counts and ratios: the list's absolute path and SHA-256."""
+        digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+        return _options(split_file=str(Path(self.path).resolve()), split_file_sha256=digest)
+
+
+# --------------------------------------------------------------------------- the library call
+def _listing(src: Path, classes: Sequence[str] | None) -> _Listing:
+    """The chosen class folders, their image files, and their other entries."""
+    chosen = _select_classes(_class_folders(src), classes)
+    candidates: list[_Candidate] = []
+    skipped: list[Skipped] = []
+    for cls in chosen:
+        cands, skips = _list_class(src, cls)
+        candidates += cands
+        skipped += skips
+    return _Listing(chosen, candidates, skipped)
+
+
+def _good_files(
+    listing: _Listing, workers: int | None, progress: bool | None, strict: bool
+) -> tuple[dict[str, list[_Checked]], list[Skipped]]:
+    """Each class's good images, and every entry left out (bad images with their reason)."""
+    checked = _check_all(listing.candidates, workers, progress)
+    bad = [Skipped(c.cand.rel, c.reason) for c in checked if c.reason is not None]
+    if strict and bad:
+        raise UserError(
+            f"{len(bad)} bad image(s) (--strict): "
+            + "; ".join(f"{b.file}: {b.reason}" for b in bad)
+        )
+    good: dict[str, list[_Checked]] = {cls: [] for cls in listing.classes}
+    for c in checked:
+        if c.reason is None:
+            good[c.cand.cls].append(c)
+    return good, sorted(listing.skipped + bad, key=lambda s: s.file)
 
 
 def _file_entry(part: str, c: _Checked) -> dict:
@@ -615,31 +758,39 @@ def _file_entry(part: str, c: _Checked) -> dict:
     }
 
 
-def _candidates(
-    src: Path, classes: Sequence[str] | None, split_file: str | Path | None
-) -> tuple[list[str], list[_Candidate], list[Skipped], dict[str, str] | None]:
-    """The chosen classes, their image files, the entries left out, and (with a split file)
-    the part of each listed file; the classes are then those the list names."""
-    chosen = _select_classes(_class_folders(src), classes)
-    candidates: list[_Candidate] = []
-    skipped: list[Skipped] = []
-    for cls in chosen:
-        cands, skips = _list_class(src, cls)
-        candidates += cands
-        skipped += skips
-    if split_file is None:
-        return chosen, candidates, skipped, None
-    listed = _resolve_listed(read_split_file(split_file), candidates, split_file)
-    parts = set(listed.values())
-    if not {"train", "test"} <= parts:
-        raise UserError(
-            f"--split-file {split_file}: lists no {min({'train', 'test'} - parts)} files"
-        )
-    chosen = [cls for cls in chosen if any(rel.startswith(f"{cls}/") for rel in listed)]
-    return chosen, [c for c in candidates if c.rel in listed], [], listed
+def _file_entries(placed: _Placed) -> list[dict]:
+    """The manifest's file list, ordered by part, class and path."""
+    return sorted(
+        (_file_entry(part, c) for pairs in placed.values() for part, c in pairs),
+        key=lambda f: (f["part"], f["class"], f["file"]),
+    )
 
 
-# --------------------------------------------------------------------------- the library call
+def _tally(placed: _Placed) -> dict[str, dict[str, int]]:
+    """Per-class counts per part; a val count only where some class has val images."""
+    tally = {
+        cls: {p: sum(1 for q, _ in pairs if q == p) for p in PARTS} for cls, pairs in placed.items()
+    }
+    has_val = any(t["val"] for t in tally.values())
+    return {cls: {p: n for p, n in t.items() if p != "val" or has_val} for cls, t in tally.items()}
+
+
+def _manifest(result: PrepareResult, options: dict[str, object], files: list[dict]) -> dict:
+    """The split.json of ``result``, whose placed files ``files`` lists."""
+    return {
+        "rsscene_split": MANIFEST_VERSION,
+        "source": str(result.src),
+        "seed": result.seed,
+        "mode": result.mode,
+        "options": options,
+        "classes": result.classes,
+        "counts": result.counts,
+        "files": files,
+        "skipped": [s.as_dict() for s in result.skipped],
+        "duplicates": [d.as_dict() for d in result.duplicates],
+    }
+
+
 def _locations(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
     """The resolved source and destination, refused where one lies inside what the other
     holds (prepare would read its own output or write into its input)."""
@@ -651,14 +802,6 @@ def _locations(src: str | Path, dst: str | Path) -> tuple[Path, Path]:
         if _inside(src_path, dst_path / part):
             raise UserError(f"source {src} lies inside {dst_path / part}, which prepare writes")
     return src_path, dst_path
-
-
-def _split_file_record(split_file: str | Path | None) -> dict[str, str]:
-    """What the manifest records of a ``--split-file``: its absolute path and SHA-256."""
-    if split_file is None:
-        return {}
-    digest = hashlib.sha256(Path(split_file).read_bytes()).hexdigest()
-    return {"split_file": str(Path(split_file).resolve()), "split_file_sha256": digest}
 
 
 def prepare(
@@ -687,87 +830,33 @@ def prepare(
     is given) or of the training part (``train_ratio``: the rest tests), each with
     ``val_ratio`` (a per-class count is ``n * ratio`` rounded half up, at least 1); or a
     ``split_file`` listing the part of every file (see :func:`read_split_file`; files it does
-    not list are left unused). Every image is decoded first; bad files are left out and
-    listed in the result (``strict``: raise :class:`UserError` instead). Files are placed by
-    ``mode`` (copy, hardlink or symlink with absolute targets), then the manifest
-    ``dst/split.json`` is written last, atomically. Nothing is printed; see
+    not list are left unused). See :class:`SplitPlan`. Every image is decoded first; bad files
+    are left out and listed in the result (``strict``: raise :class:`UserError` instead).
+    Files are placed by ``mode`` (copy, hardlink or symlink with absolute targets), then the
+    manifest ``dst/split.json`` is written last, atomically. Nothing is printed; see
     :func:`format_report`. ``progress=None`` shows a bar only when stderr is a terminal.
     """
-    if test_ratio is None and train_ratio is None and split_file is None:
-        test_ratio = 0.1 if train_per_class is None else None
-    _check_options(
-        train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, mode,
-        train_ratio, split_file,
+    if mode not in MODES:
+        raise UserError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    plan = SplitPlan.from_options(
+        train_per_class=train_per_class, test_per_class=test_per_class,
+        val_per_class=val_per_class, test_ratio=test_ratio, val_ratio=val_ratio,
+        train_ratio=train_ratio, split_file=split_file,
     )  # fmt: skip
     src_path, dst_path = _locations(src, dst)
     to_remove = _check_dst(dst_path, force)
-
-    chosen, candidates, skipped, listed = _candidates(src_path, classes, split_file)
-    checked = _check_all(candidates, workers, progress)
-    bad = [Skipped(c.cand.rel, c.reason) for c in checked if c.reason is not None]
-    if strict and bad:
-        raise UserError(
-            f"{len(bad)} bad image(s) (--strict): "
-            + "; ".join(f"{b.file}: {b.reason}" for b in bad)
-        )
-    skipped = sorted(skipped + bad, key=lambda s: s.file)
-
-    good: dict[str, list[_Checked]] = {cls: [] for cls in chosen}
-    for c in checked:
-        if c.reason is None:
-            good[c.cand.cls].append(c)
-    if listed is None:
-        plan = _plan_counts(
-            {cls: len(v) for cls, v in good.items()},
-            train_per_class, test_per_class, val_per_class, test_ratio, val_ratio, train_ratio,
-        )  # fmt: skip
-        placed, unused = _assign_by_plan(good, plan, seed)
-    else:
-        placed = {cls: [(listed[c.cand.rel], c) for c in v] for cls, v in good.items()}
-        unused = {cls: 0 for cls in chosen}
-    files = sorted(
-        (_file_entry(part, c) for pairs in placed.values() for part, c in pairs),
-        key=lambda f: (f["part"], f["class"], f["file"]),
-    )
-    duplicates = _find_duplicates(files)
-    tally = {cls: {p: sum(1 for q, _ in placed[cls] if q == p) for p in PARTS} for cls in chosen}
-    has_val = any(t["val"] for t in tally.values())
-    counts = {cls: {p: tally[cls][p] for p in PARTS if p != "val" or has_val} for cls in chosen}
-
-    options: dict[str, object] = {
-        "train_per_class": train_per_class,
-        "val_per_class": val_per_class,
-        "test_per_class": test_per_class,
-        "test_ratio": test_ratio,
-        "val_ratio": None if train_per_class is not None or listed else val_ratio,
-        "train_ratio": train_ratio,
-        **_split_file_record(split_file),
-    }
-    manifest = {
-        "rsscene_split": MANIFEST_VERSION,
-        "source": str(src_path),
-        "seed": seed,
-        "mode": mode,
-        "options": options,
-        "classes": chosen,
-        "counts": counts,
-        "files": files,
-        "skipped": [s.as_dict() for s in skipped],
-        "duplicates": [d.as_dict() for d in duplicates],
-    }
-    manifest_path = _write_split(src_path, dst_path, manifest, mode, to_remove, (src, dst))
-    return PrepareResult(
-        src=src_path,
-        dst=dst_path,
-        manifest_path=manifest_path,
-        classes=chosen,
-        counts=counts,
-        skipped=skipped,
-        duplicates=duplicates,
-        unused=unused,
-        mode=mode,
-        seed=seed,
-    )
+    plan, listing = plan.select(_listing(src_path, classes))
+    good, skipped = _good_files(listing, workers, progress, strict)
+    placed, unused = plan.place(good, seed)
+    files = _file_entries(placed)
+    result = PrepareResult(
+        src=src_path, dst=dst_path, manifest_path=dst_path / MANIFEST_NAME,
+        classes=listing.classes, counts=_tally(placed), skipped=skipped,
+        duplicates=_find_duplicates(files), unused=unused, mode=mode, seed=seed,
+    )  # fmt: skip
+    manifest = _manifest(result, plan.options(), files)
+    _write_split(src_path, dst_path, manifest, mode, to_remove, (src, dst))
+    return result
 
 
 def _write_split(
@@ -777,7 +866,7 @@ def _write_split(
     mode: str,
     to_remove: set[str] | None,
     given: tuple[str | Path, str | Path],
-) -> Path:
+) -> None:
     """Everything is checked; only now touch DST: place the files, then the manifest."""
     src, dst = given
     if mode == "hardlink":
@@ -802,7 +891,6 @@ def _write_split(
         (dst_path / PARTIAL_NAME).unlink()
     except OSError as e:
         raise UserError(f"cannot write {manifest_path}: {e.strerror or e}") from None
-    return manifest_path
 
 
 # --------------------------------------------------------------------------- the report
