@@ -186,3 +186,108 @@ def test_the_recipe_optimizers_use_torch_fused_kernels_on_the_cpu() -> None:
         cfg = resolve(build({"optimizer": name}), "cpu")
         optimizer = make_optimizer(cfg, model)
         assert all(group["fused"] for group in optimizer.param_groups), name
+
+
+# Each module's layer: a module imports only from its own layer or below, and within its own
+# layer only from its own package (data from data, models from models).
+LAYERS = {
+    "rsscene": 0,
+    "rsscene.errors": 0,
+    "rsscene.device": 1,
+    "rsscene.data": 1,
+    "rsscene.plots": 1,
+    "rsscene.checkpoint": 2,
+    "rsscene.models": 3,
+    "rsscene.config": 4,
+    "rsscene.inference": 5,
+    "rsscene.explain": 6,
+    "rsscene.export": 6,
+    "rsscene.mapping": 6,
+    "rsscene.engine": 7,
+    "rsscene.bench": 8,
+    "rsscene.demo": 8,
+    "rsscene.serve": 8,
+    "rsscene.cli": 9,
+    "rsscene.__main__": 10,
+}
+
+
+def _layer(module: str) -> tuple[int, str]:
+    """(layer, package) of a module: its own entry, else its package's."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ".".join(parts[:n])
+        if name in LAYERS:
+            return LAYERS[name], name
+    raise AssertionError(f"{module} has no layer in LAYERS: give it one")
+
+
+def test_imports_point_down_the_layers_never_up() -> None:
+    upward = []
+    for path in PACKAGE.rglob("*.py"):
+        module = _module(path)
+        layer, package = _layer(module)
+        for imported in _imports(path):
+            their_layer, their_package = _layer(imported)
+            if their_layer > layer or (their_layer == layer and their_package != package):
+                upward.append(f"{module} (layer {layer}) imports {imported} (layer {their_layer})")
+    assert not upward, "\n".join(upward)
+    # The two rules a newcomer most needs: the data and the models know no run and no command.
+    for low in ("data", "models"):
+        for path in (PACKAGE / low).rglob("*.py"):
+            bad = {i for i in _imports(path) if i.split(".")[1] in ("engine", "config", "cli")}
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_a_run_resolves_its_settings_once_and_a_resume_reads_its_checkpoint_once(
+    split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from conftest import tiny_config
+    from rsscene import checkpoint, config
+
+    calls = {"resolve": 0, "load": 0}
+    resolve, load = config.resolve, checkpoint.load
+
+    def counted_resolve(*args, **kwargs):
+        calls["resolve"] += 1
+        return resolve(*args, **kwargs)
+
+    def counted_load(*args, **kwargs):
+        calls["load"] += 1
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(config, "resolve", counted_resolve)
+    monkeypatch.setattr(checkpoint, "load", counted_load)
+    run = tmp_path / "run"
+    Trainer.from_config(tiny_config(split, run, epochs=1), log=lambda *_: None).fit()
+    assert calls == {"resolve": 1, "load": 0}
+    # The Trainer built from parts resolves the caller's config itself, once.
+    images = list_images(split / "train")
+    data = TrainData(BatchLoader(images, 32), test=BatchLoader(list_images(split / "test"), 32))
+    cfg = TrainConfig(epochs=1, batch_size=8, img_size=32, device="cpu", amp="off")
+    model = create_model("resnet18", num_classes=len(data.classes))
+    trainer = Trainer(cfg, model, data, run_dir=tmp_path / "parts", log=lambda *_: None)
+    assert calls["resolve"] == 2 and trainer.cfg.eval_size == 32 and trainer.cfg.lr > 0
+    # A resume: the command reads last.pt for the settings and the Trainer continues from it.
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--workers", "0"]) == 0
+    assert calls == {"resolve": 3, "load": 1}
+    assert checkpoint.load(run / "last.pt").next_epoch == 2
+
+
+def test_the_data_builds_the_preprocess_and_the_trainer_refuses_another(
+    split: Path, tmp_path: Path
+) -> None:
+    from rsscene.errors import UserError
+
+    data = TrainData.from_split(split, store_size=48, eval_size=40, normalize=False)
+    pre = data.preprocess
+    assert (pre.size, pre.mean, pre.std, pre.source_size) == (40, None, None, 40)
+    assert (data.train.size, data.test.size) == (48, 40)
+    model = create_model("resnet18", num_classes=len(data.classes))
+    cfg = TrainConfig(epochs=1, img_size=32, eval_size=40, device="cpu")
+    with pytest.raises(
+        UserError, match="40 px images unstandardised, the settings ask for --eval-size 40:"
+    ):
+        Trainer(cfg, model, data, run_dir=tmp_path / "run", log=lambda *_: None)
+    cfg.normalize = False
+    assert Trainer(cfg, model, data, run_dir=tmp_path / "run").preprocess is pre
