@@ -11,12 +11,16 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from rsscene import __version__
 from rsscene.device import AMP_MODES
 from rsscene.errors import UserError
 from rsscene.models import MODELS, VARIANTS
+from rsscene.serve.hosts import LOOPBACK, served_host_names
+
+if TYPE_CHECKING:
+    from rsscene.inference import Predictor
 
 
 def positive_int(text: str) -> int:
@@ -123,8 +127,6 @@ def add_prepare(sub: argparse._SubParsersAction) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from rsscene.data.prepare import format_report, prepare
 
-    if args.train_per_class is not None and args.test_ratio is not None:
-        raise UserError("--test-ratio cannot be combined with --train-per-class/--test-per-class")
     result = prepare(
         args.src,
         args.dst,
@@ -349,10 +351,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- checkpoints
+TTA_HELP = "average the 8 flips/rotations"
+
+
+def add_checkpoint_args(
+    p: argparse.ArgumentParser, *, device: bool = True, batch_size: bool = False, tta: str = ""
+) -> None:
+    """CKPT and the flags shared by the commands that read one: ``--device`` (without it, the
+    CPU), ``--batch-size`` where they batch images, and ``--tta`` where ``tta`` gives its help."""
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    if tta:
+        p.add_argument("--tta", action="store_true", help=tta)
+    if batch_size:
+        p.add_argument("--batch-size", type=positive_int, default=64)
+    if device:
+        p.add_argument("--device", default="cpu")
+    else:
+        p.set_defaults(device="cpu")
+
+
+def checkpoint_device(args: argparse.Namespace) -> str:
+    """The device ``--device`` names, refused (UserError) where this machine lacks it."""
+    from rsscene.device import select_device
+
+    return str(select_device(args.device))
+
+
+def open_predictor(args: argparse.Namespace) -> Predictor:
+    """CKPT's model and preprocessing, on ``--device``."""
+    from rsscene.inference import Predictor
+
+    return Predictor(args.checkpoint, device=checkpoint_device(args))
+
+
+def warn_skipped(errors: list[tuple[str, str]]) -> None:
+    """One line per image left out, on stderr so that stdout holds only results."""
+    for f, reason in errors:
+        print(f"skipped {f}: {reason}", file=sys.stderr)
+
+
+def nothing_read(verb: str, errors: list[tuple[str, str]]) -> UserError:
+    """The error for a command that could read none of its images: the first reasons why."""
+    detail = "; ".join(f"{f}: {r}" for f, r in errors[:3]) or "no image files found"
+    more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
+    return UserError(f"nothing to {verb} ({detail}{more})")
+
+
 # --------------------------------------------------------------------------- evaluate
 def add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p, batch_size=True, tta="also report 8-way flip/rotation TTA")
     p.add_argument("data", metavar="DATA", help="a split folder (its test part) or class folders")
     p.add_argument(
         "--output",
@@ -361,19 +410,13 @@ def add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="write report.json, confusion.*, "
         "misclassified.csv here (default: beside the checkpoint, eval-DATA)",
     )
-    p.add_argument("--tta", action="store_true", help="also report 8-way flip/rotation TTA")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from rsscene.device import select_device
-    from rsscene.engine.evaluate import evaluate_checkpoint
+    from rsscene.engine.evaluate import evaluate_checkpoint, format_report
 
     ckpt = Path(args.checkpoint)
     out = args.output or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{Path(args.data).name}"
@@ -383,33 +426,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out=out,
         tta=args.tta,
         batch_size=args.batch_size,
-        device=str(select_device(args.device)),
+        device=checkpoint_device(args),
         strict=args.strict,
     )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    for path, reason in ((s["file"], s["reason"]) for s in report["skipped"]):
-        print(f"skipped {path}: {reason}")
-    width = max(len(c) for c in report["classes"])
-    print(f"{'class':<{width}}  precision  recall     f1  support")
-    for name, m in report["per_class"].items():
-        print(
-            f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}"
-            f"  {m['support']:7d}"
-        )
-    macro = report["macro"]
-    print(
-        f"{'macro':<{width}}  {macro['precision']:9.3f}  {macro['recall']:6.3f}"
-        f"  {macro['f1']:5.3f}  {report['images']:7d}"
-    )
-    line = (
-        f"OA {report['accuracy']:.4f}  AA {report['average_accuracy']:.4f}"
-        f"  kappa {report['kappa']:.4f}  macro-F1 {macro['f1']:.4f}  top5 {report['top5']:.4f}"
-    )
-    if "tta_accuracy" in report:
-        line += f"  tta_accuracy {report['tta_accuracy']:.4f}"
-    print(f"{line}  ({report['images']} images; skipped {len(report['skipped'])})")
+    print(format_report(report))
     print(f"reports written to {out}")
     return 0
 
@@ -417,68 +440,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- predict
 def add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="class names and probabilities for images or folders")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
     p.add_argument("paths", nargs="+", metavar="PATH", help="images or folders (recursive)")
     p.add_argument("--topk", type=positive_int, default=3)
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
     p.add_argument("--output", "-o", metavar="FILE", help="write .csv or .json")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import csv
-    from pathlib import Path
-
-    from rsscene.device import select_device
-    from rsscene.inference import Predictor, collect_images
+    from rsscene.inference import (
+        PREDICTION_FILES,
+        collect_images,
+        format_predictions,
+        write_predictions,
+    )
 
     out = Path(args.output) if args.output else None
-    if out is not None and out.suffix.lower() not in (".csv", ".json"):
+    if out is not None and out.suffix.lower() not in PREDICTION_FILES:
         raise UserError(f"--output {out}: use a .csv or .json file name")
     files, problems = collect_images(args.paths)
-    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    predictor = open_predictor(args)
     results, errors = predictor.predict_files(files, args.topk, args.tta, args.batch_size)
     errors = problems + errors
     if errors and args.strict:
         raise UserError("unreadable: " + "; ".join(f"{f}: {r}" for f, r in errors))
     if not results:
-        detail = "; ".join(f"{f}: {r}" for f, r in errors[:3]) or "no image files found"
-        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
-        raise UserError(f"nothing to predict ({detail}{more})")
-    width = max([len(r.source) for r in results] + [4])
-    for r in results:
-        tops = "  ".join(f"{c} {p:.3f}" for c, p in r.top)
-        print(f"{r.source:<{width}}  {tops}")
-    for f, reason in errors:
-        print(f"skipped {f}: {reason}", file=sys.stderr)
+        raise nothing_read("predict", errors)
+    print(format_predictions(results))
+    warn_skipped(errors)
     print(f"predicted {len(results)} image(s), skipped {len(errors)}", file=sys.stderr)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".json":
-            out.write_text(
-                json.dumps(
-                    {
-                        "predictions": [r.as_dict() for r in results],
-                        "skipped": [{"file": f, "reason": r} for f, r in errors],
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-        else:
-            with out.open("w", newline="") as f:
-                writer = csv.writer(f)
-                writer.writerow(
-                    [
-                        "file",
-                        *[h for i in range(1, args.topk + 1) for h in (f"class{i}", f"prob{i}")],
-                    ]
-                )
-                for r in results:
-                    writer.writerow([r.source, *[v for c, p in r.top for v in (c, f"{p:.6f}")]])
+        write_predictions(out, results, errors, args.topk)
         print(f"wrote {out}", file=sys.stderr)
     return 0
 
@@ -520,7 +513,7 @@ def show_bands(text: str) -> list[int]:
 
 def add_cam(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cam", help="Grad-CAM overlays: where in each image the class was seen")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p)
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
     p.add_argument("--out", required=True, metavar="DIR", help="write NAME_cam.png files here")
     p.add_argument(
@@ -542,27 +535,21 @@ def add_cam(sub: argparse._SubParsersAction) -> None:
         help="multi-band models: the three bands (1-based, as in --bands) drawn as red, green,"
         " blue (default: the model's first three)",
     )
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_cam)
 
 
 def cmd_cam(args: argparse.Namespace) -> int:
-    from rsscene.device import select_device
     from rsscene.explain import write_cams
-    from rsscene.inference import Predictor
 
-    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
+    predictor = open_predictor(args)
     if args.show_bands:
         predictor.pre.display = args.show_bands
     written, errors = write_cams(
         predictor, args.paths, args.out, args.class_name, args.layer, args.tta == "yes"
     )
     if not written:
-        detail = "; ".join(f"{f}: {r}" for f, r in errors[:3]) or "no image files found"
-        more = f" and {len(errors) - 3} more" if len(errors) > 3 else ""
-        raise UserError(f"nothing to explain ({detail}{more})")
-    for f, reason in errors:
-        print(f"skipped {f}: {reason}", file=sys.stderr)
+        raise nothing_read("explain", errors)
+    warn_skipped(errors)
     print(f"wrote {len(written)} Grad-CAM figure(s) to {args.out}, skipped {len(errors)}")
     return 0
 
@@ -576,7 +563,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
         " multi-band model's bands divided by their scale (N x C x S x S), and returns class"
         " probabilities: normalisation and softmax are inside it.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p, device=False)  # the file is traced and checked on the CPU
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, metavar="FILE")
     p.add_argument(
@@ -589,30 +576,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rsscene.export import OPSET, TOLERANCE, export
-    from rsscene.inference import Predictor
+    from rsscene.export import export, format_result
 
-    predictor = Predictor(args.checkpoint)
+    predictor = open_predictor(args)
     result = export(predictor, args.format, args.out, args.sample)
-    kind = f"onnx, opset {OPSET}" if args.format == "onnx" else "torchscript"
-    pre = predictor.pre
-    stats = "ImageNet" if pre.bands is None else "per-band"
-    norm = f"{stats} mean/std normalisation inside" if pre.normalize else "no normalisation"
-    what = (
-        "RGB in 0..1"
-        if pre.bands is None
-        else f"bands {','.join(map(str, pre.bands))} of {pre.band_count} divided by {pre.scale:g}"
-    )
-    print(
-        f"wrote {result.path} ({kind}): input 'image' float32 N x {pre.channels} x {pre.size}"
-        f" x {pre.size}, {what} ({norm}); output 'probabilities' over"
-        f" {len(predictor.classes)} classes"
-    )
-    verdict = "ok" if result.ok else "FAILED"
-    print(
-        f"parity with PyTorch on {result.samples} image(s): max abs diff"
-        f" {result.max_abs_diff:.2e} ({verdict}, tolerance {TOLERANCE:.0e})"
-    )
+    print(format_result(predictor, result))
     return 0 if result.ok else 1
 
 
@@ -625,7 +593,7 @@ def add_map(sub: argparse._SubParsersAction) -> None:
         " (classes.png without georeference), overlay.png, tiles.csv/.geojson and summary.json"
         " to --out. GeoTIFFs are read window by window (pip install 'rsscene[geo]').",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
     p.add_argument("scene", metavar="SCENE", help="a GeoTIFF or any image rsscene reads")
     p.add_argument("--out", required=True, metavar="DIR")
     size = p.add_mutually_exclusive_group()
@@ -645,9 +613,6 @@ def add_map(sub: argparse._SubParsersAction) -> None:
         help="step between windows (default: the tile; smaller overlaps them, and overlapping"
         " windows average their probabilities; it must divide the tile)",
     )
-    p.add_argument("--tta", action="store_true", help="average the 8 flips/rotations")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--tiles", choices=["csv", "geojson"], default="csv", help="cell table format")
     p.add_argument("--probabilities", action="store_true", help="also write probabilities.tif")
     p.add_argument("--truth", metavar="CSV", help="row,col,class per cell: report tile accuracy")
@@ -662,13 +627,10 @@ def add_map(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    from rsscene.device import select_device
-    from rsscene.inference import Predictor
-    from rsscene.mapping import map_scene
+    from rsscene.mapping import format_summary, map_scene
 
-    predictor = Predictor(args.checkpoint, device=str(select_device(args.device)))
     summary = map_scene(
-        predictor,
+        open_predictor(args),
         args.scene,
         args.out,
         tile=args.tile,
@@ -682,26 +644,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         progress=sys.stderr.isatty(),
         amp=args.amp,
     )
-    rows, cols = summary["grid"]
-    where = summary["crs"] or "no georeference: pixel coordinates"
-    print(
-        f"{summary['scene']}: {summary['size'][0]}x{summary['size'][1]} px, {summary['bands']}"
-        f" band(s), {where}; {summary['tile']} px tiles every {summary['stride']} px ->"
-        f" {rows}x{cols} cells, {summary['windows']} windows predicted,"
-        f" {summary['windows_skipped_nodata']} skipped as nodata"
-    )
-    unit = summary["area_unit"]
-    width = max(len(c) for c in summary["per_class"])
-    for name, v in summary["per_class"].items():
-        print(
-            f"  {name:<{width}}  {v['cells']:7d} cells  {v['share']:6.1%}  {v['area']:12.4f} {unit}"
-        )
-    if "truth" in summary:
-        t = summary["truth"]
-        print(f"tile accuracy against {t['file']}: {t['accuracy']:.2%} of {t['tiles']} tiles")
-    print(
-        f"wrote {', '.join(Path(f).name for f in summary['files'])} and summary.json to {args.out}"
-    )
+    print(format_summary(summary, args.out))
     return 0
 
 
@@ -747,25 +690,9 @@ def positive_float(text: str) -> float:
     return value
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def served_host_names(host: str, extra: list[str]) -> list[str] | None:
-    """The names a request's Host header may give, or None (any).
-
-    Loopback and every-interface servers answer to the loopback names (a browser on this
-    machine uses any of them), a server bound to one address to that address; each also to
-    the ``--allow-host`` names. Bound to every interface without them, it cannot know the
-    names clients use, so it takes any.
-    """
-    if host in ("0.0.0.0", "::"):
-        return [*LOOPBACK, *extra] if extra else None
-    return [*(LOOPBACK if host in LOOPBACK else [host]), *extra]
-
-
 def add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="HTTP API and web page: predictions and Grad-CAM")
-    p.add_argument("checkpoint", metavar="CKPT", help="a .pt file or a run folder")
+    add_checkpoint_args(p)
     p.add_argument(
         "--host", default="127.0.0.1", help="default: this machine only; 0.0.0.0 exposes it"
     )
@@ -804,13 +731,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         help="how long requests wait to share a model call",
     )
     p.add_argument("--max-batch", type=positive_int, default=32, help="images per model call")
-    p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from rsscene.device import select_device
-
     try:
         import python_multipart  # noqa: F401 - fastapi needs it only when a form arrives
         import uvicorn
@@ -824,7 +748,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     allowed = served_host_names(args.host, args.allow_host)
     app = create_app(
         args.checkpoint,
-        device=str(select_device(args.device)),
+        device=checkpoint_device(args),
         max_bytes=args.max_bytes,
         max_files=args.max_files,
         topk=args.topk,

@@ -222,3 +222,24 @@ def export(
         got = run(wrapper, predictor, tmp, x)
     diff = float(np.abs(got - reference).max())
     return ExportResult(out, fmt, len(images), diff)
+
+
+def format_result(predictor: Predictor, result: ExportResult) -> str:
+    """Two lines: the file written with what it takes and returns, and its parity with PyTorch."""
+    pre = predictor.pre
+    kind = f"onnx, opset {OPSET}" if result.format == "onnx" else "torchscript"
+    stats = "ImageNet" if pre.bands is None else "per-band"
+    norm = f"{stats} mean/std normalisation inside" if pre.normalize else "no normalisation"
+    what = (
+        "RGB in 0..1"
+        if pre.bands is None
+        else f"bands {','.join(map(str, pre.bands))} of {pre.band_count} divided by {pre.scale:g}"
+    )
+    verdict = "ok" if result.ok else "FAILED"
+    return (
+        f"wrote {result.path} ({kind}): input 'image' float32 N x {pre.channels} x {pre.size}"
+        f" x {pre.size}, {what} ({norm}); output 'probabilities' over"
+        f" {len(predictor.classes)} classes\n"
+        f"parity with PyTorch on {result.samples} image(s): max abs diff"
+        f" {result.max_abs_diff:.2e} ({verdict}, tolerance {TOLERANCE:.0e})"
+    )

@@ -8,6 +8,8 @@ per-band normalisation), so ``predict``, ``cam``, ``export`` and the server all 
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from rsscene.data.images import ImageError, is_image_file
 from rsscene.data.transforms import tta_logits
 from rsscene.device import autocast
 from rsscene.models import load_model
+
+PREDICTION_FILES = (".csv", ".json")  # what write_predictions writes, by suffix
 
 
 @dataclass
@@ -50,6 +54,36 @@ def collect_images(paths: list[str | Path]) -> tuple[list[Path], list[tuple[str,
         else:
             problems.append((str(p), "no such file or folder"))
     return found, problems
+
+
+def format_predictions(results: list[Prediction]) -> str:
+    """One line per image: its name, then its top classes with their probabilities."""
+    width = max([len(r.source) for r in results] + [4])
+    return "\n".join(
+        f"{r.source:<{width}}  " + "  ".join(f"{c} {p:.3f}" for c, p in r.top) for r in results
+    )
+
+
+def write_predictions(
+    out: Path, results: list[Prediction], skipped: list[tuple[str, str]], topk: int
+) -> None:
+    """``out`` as JSON (the predictions and the files skipped, with why) when it ends in
+    .json, else as CSV: each file with its ``topk`` classes and probabilities."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        document = {
+            "predictions": [r.as_dict() for r in results],
+            "skipped": [{"file": f, "reason": r} for f, r in skipped],
+        }
+        out.write_text(json.dumps(document, indent=2) + "\n")
+        return
+    with out.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            ["file", *[h for i in range(1, topk + 1) for h in (f"class{i}", f"prob{i}")]]
+        )
+        for r in results:
+            writer.writerow([r.source, *[v for c, p in r.top for v in (c, f"{p:.6f}")]])
 
 
 class Predictor:

@@ -173,6 +173,30 @@ def report_from_predictions(preds: Predictions, classes: list[str]) -> dict[str,
     return summarize(cm, classes, loss, topk_correct(preds.logits, preds.labels))
 
 
+def format_report(report: dict[str, Any]) -> str:
+    """The images left out, a precision/recall/F1 table (one row per class, then the macro
+    averages over all images) and the headline line: OA, AA, kappa, macro-F1, top-5 and,
+    when it was measured, TTA accuracy."""
+    lines = [f"skipped {s['file']}: {s['reason']}" for s in report["skipped"]]
+    width = max(len(c) for c in report["classes"])
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    macro = report["macro"]
+    rows = [*report["per_class"].items(), ("macro", {**macro, "support": report["images"]})]
+    lines += [
+        f"{name:<{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}"
+        f"  {m['support']:7d}"
+        for name, m in rows
+    ]
+    line = (
+        f"OA {report['accuracy']:.4f}  AA {report['average_accuracy']:.4f}"
+        f"  kappa {report['kappa']:.4f}  macro-F1 {macro['f1']:.4f}  top5 {report['top5']:.4f}"
+    )
+    if "tta_accuracy" in report:
+        line += f"  tta_accuracy {report['tta_accuracy']:.4f}"
+    lines.append(f"{line}  ({report['images']} images; skipped {len(report['skipped'])})")
+    return "\n".join(lines)
+
+
 def write_reports(
     report: dict[str, Any],
     preds: Predictions,

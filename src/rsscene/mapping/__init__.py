@@ -25,7 +25,15 @@ from rsscene.mapping import outputs
 from rsscene.mapping.scenes import Scene, check_bands, open_scene
 from rsscene.mapping.tiling import MapResult, make_grid, predict_scene
 
-__all__ = ["MapResult", "Scene", "default_tile", "map_scene", "open_scene", "tile_accuracy"]
+__all__ = [
+    "MapResult",
+    "Scene",
+    "default_tile",
+    "format_summary",
+    "map_scene",
+    "open_scene",
+    "tile_accuracy",
+]
 
 
 def default_tile(predictor: Predictor, scene: Scene, tile_m: float | None = None) -> int:
@@ -116,3 +124,30 @@ def map_scene(
         return summary
     finally:
         scene.close()
+
+
+def format_summary(summary: dict[str, Any], out: str | Path) -> str:
+    """:func:`map_scene`'s summary for a person: the scene and its grid of cells, each class's
+    cells, share and area, the tile accuracy against a truth file, and the files in ``out``."""
+    rows, cols = summary["grid"]
+    where = summary["crs"] or "no georeference: pixel coordinates"
+    lines = [
+        f"{summary['scene']}: {summary['size'][0]}x{summary['size'][1]} px, {summary['bands']}"
+        f" band(s), {where}; {summary['tile']} px tiles every {summary['stride']} px ->"
+        f" {rows}x{cols} cells, {summary['windows']} windows predicted,"
+        f" {summary['windows_skipped_nodata']} skipped as nodata"
+    ]
+    unit = summary["area_unit"]
+    width = max(len(c) for c in summary["per_class"])
+    lines += [
+        f"  {name:<{width}}  {v['cells']:7d} cells  {v['share']:6.1%}  {v['area']:12.4f} {unit}"
+        for name, v in summary["per_class"].items()
+    ]
+    if "truth" in summary:
+        t = summary["truth"]
+        lines.append(
+            f"tile accuracy against {t['file']}: {t['accuracy']:.2%} of {t['tiles']} tiles"
+        )
+    files = ", ".join(Path(f).name for f in summary["files"])
+    lines.append(f"wrote {files} and summary.json to {out}")
+    return "\n".join(lines)
