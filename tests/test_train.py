@@ -320,3 +320,25 @@ def test_the_save_interval_holds_back_last_pt_and_a_stop_writes_it(
     assert last.next_epoch == 2 and len(last.state.history) == 2
     assert checkpoint.load(run / "best.pt").next_epoch == last.state.best["epoch"]
     assert (run / "curves.png").is_file()
+
+
+def test_a_resume_applies_the_lr_and_optimizer_it_records(
+    split: Path, tmp_path: Path, capsys
+) -> None:
+    tiny = ["--batch-size", "8", "--img-size", "32", "--device", "cpu", "--workers", "0"]
+    run = tmp_path / "run"
+    flags = ["--epochs", "2", "--schedule", "constant", "--lr", "0.01", "--save-interval", "0"]
+    assert main(["train", str(split), *tiny, *flags, "--out", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--epochs", "3", "--lr", "0.5"]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [float(r["lr"]) for r in rows] == [0.01, 0.01, 0.5]
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.5
+    out = capsys.readouterr().out
+    assert "resume: applying --lr 0.01 -> 0.5, --epochs 2 -> 3 from step" in out
+    # Another optimizer: built from the new settings, its state afresh, and no KeyError.
+    assert main(["train", "--resume", str(run), "--epochs", "4", "--optimizer", "sgd"]) == 0
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [float(r["lr"]) for r in rows][-1] == 0.5
+    assert "its state starts afresh" in capsys.readouterr().out
+    saved = checkpoint.load(run / "last.pt").state.optimizer["param_groups"][0]
+    assert saved["lr"] == 0.5 and saved["momentum"] == 0.9 and saved["nesterov"]

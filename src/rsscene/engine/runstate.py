@@ -209,6 +209,54 @@ def check_resume(
         )
 
 
+# The settings the optimizer and its schedule are built from.
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "weight_decay", "wd_norm_bias", "momentum")
+SCHEDULE_SETTINGS = ("schedule", "warmup_epochs", "epochs")
+
+
+def load_optimizer(
+    ckpt: Checkpoint,
+    cfg: TrainConfig,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LambdaLR,
+) -> list[str]:
+    """Continue the saved optimizer and schedule in ``optimizer`` and ``scheduler``, which were
+    built from this run's settings: where a resume changes them (``--lr``, ``--optimizer``,
+    ``--weight-decay``, ``--schedule``, ...), the new settings apply from the saved step on,
+    with the saved moments where the optimizer and its parameter groups are the same.
+    Returns what a resume with changed settings should say."""
+    st, saved = ckpt.state, ckpt.config
+    changed = [
+        k for k in (*OPTIMIZER_SETTINGS, *SCHEDULE_SETTINGS) if saved.get(k) != getattr(cfg, k)
+    ]
+    if not changed:
+        optimizer.load_state_dict(st.optimizer)
+        scheduler.load_state_dict(st.scheduler)
+        return []
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    base_lrs, notes = list(scheduler.base_lrs), []
+    same_kind = saved.get("optimizer") == cfg.optimizer
+    if same_kind and len(st.optimizer["param_groups"]) == len(fresh):
+        optimizer.load_state_dict(st.optimizer)
+        for group, settings in zip(optimizer.param_groups, fresh, strict=True):
+            group.update(settings)  # the saved moments, the new hyperparameters
+    else:
+        notes.append(
+            f"resume: the optimizer is now {cfg.optimizer} (was {saved.get('optimizer')}) or"
+            " its parameter groups changed: its state starts afresh"
+        )
+    # The new schedule (and base learning rates) at the saved step.
+    scheduler.load_state_dict(st.scheduler)
+    scheduler.base_lrs = base_lrs
+    scheduler.last_epoch -= 1
+    scheduler.step()
+    shown = ", ".join(
+        f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in changed
+    )
+    notes.append(f"resume: applying {shown} from step {scheduler.last_epoch}")
+    return notes
+
+
 def schedule_moved(ckpt: Checkpoint, per_process: int, world: int) -> bool:
     """Whether the schedule must be re-positioned because the effective batch changed (only
     allowed at an epoch boundary, since a mid-epoch position counts steps of the old size)."""

@@ -131,8 +131,9 @@ class Trainer:
         runstate.check_resume(ckpt, self.cfg, self.classes, self.fingerprint, source)
         st = ckpt.state
         self.net.load_state_dict(st.model or ckpt.model)
-        for part, saved in [(self.optimizer, st.optimizer), (self.scheduler, st.scheduler)]:
-            part.load_state_dict(saved)
+        for note in runstate.load_optimizer(ckpt, self.cfg, self.optimizer, self.scheduler):
+            if self.dist.main:
+                self.log(note)
         for part, saved in [(self.scaler, st.scaler), (self.ema, st.ema)]:
             if part is not None and saved:
                 part.load_state_dict(saved)
