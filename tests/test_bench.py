@@ -11,6 +11,7 @@ import pytest
 from rsscene import checkpoint
 from rsscene.cli import main
 from rsscene.engine.train import Trainer
+from rsscene.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,3 +117,43 @@ def test_a_repeat_stopped_mid_training_resumes_from_its_checkpoint(
 def test_bench_needs_a_ratio_for_a_raw_dataset(scenes: Path, tmp_path: Path, capsys) -> None:
     assert bench(scenes, "--out", tmp_path / "b") == 2
     assert "give --train-ratio" in capsys.readouterr().err
+
+
+def test_a_bench_refuses_changed_data_and_a_mistake_leaves_nothing_to_undo(
+    scenes: Path, tmp_path: Path, capsys
+) -> None:
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(scenes, data)
+    out = tmp_path / "b"
+    argv = [data, "--train-ratio", "0.5", "--repeats", "1", "--out", out, *TINY]
+    # A setting only the device decides, refused before anything is written.
+    assert bench(*argv, "--start-size", "64") == 2
+    assert "--start-size 64 is above --img-size 32" in capsys.readouterr().err
+    assert not out.exists()
+    assert bench(*argv) == 0
+    # An image added to a class: the repeats would average two datasets; refused.
+    first = next((data / "airplane").iterdir())
+    shutil.copy(first, data / "airplane" / f"copy{first.suffix}")
+    assert bench(*argv[:4], "2", *argv[5:]) == 2
+    assert "other settings (contents differ)" in capsys.readouterr().err
+    assert len(json.loads((out / "bench.json").read_text())["repeats"]) == 1
+
+
+def test_a_bench_refused_after_its_start_is_corrected_by_the_next_command(
+    scenes: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    out = tmp_path / "b"
+    argv = [scenes, "--train-ratio", "0.5", "--repeats", "1", "--out", out, *TINY]
+
+    def refused(*args, **kwargs):
+        raise UserError("--class-weights w.yaml: the weight of 'ship' is not a positive number")
+
+    monkeypatch.setattr(Trainer, "from_config", refused)
+    assert bench(*argv, "--lr", "0.5") == 2
+    assert (out / "bench.json").is_file()  # written before the mistake was found
+    monkeypatch.undo()
+    assert bench(*argv) == 0  # other settings, but nothing had trained: started afresh
+    record = json.loads((out / "bench.json").read_text())
+    assert record["protocol"]["settings"]["lr"] is None and len(record["repeats"]) == 1

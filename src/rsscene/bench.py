@@ -20,15 +20,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rsscene.config import TrainConfig
+from rsscene.config import TrainConfig, resolve
+from rsscene.data.images import is_image_file
 from rsscene.data.prepare import MANIFEST_NAME, prepare
-from rsscene.engine.runstate import resume_config
+from rsscene.device import select_device
+from rsscene.engine.runstate import claim_run_folder, resume_config
 from rsscene.engine.train import Trainer
 from rsscene.errors import Interrupted, UserError
 
@@ -45,10 +48,28 @@ def protocol(
     settings = {k: v for k, v in cfg.to_dict().items() if k not in NOT_PROTOCOL}
     return {
         "data": str(data.resolve()),
+        # Images per class folder: repeats of a dataset that changed are not averaged.
+        "contents": _contents(data),
         "train_ratio": train_ratio,
         "val_ratio": val_ratio,
         "settings": settings,
     }
+
+
+def _contents(data: Path) -> dict[str, int]:
+    """Image files per class folder (per part and class for a split dataset)."""
+    folders = sorted(p for p in data.glob("*/") if p.is_dir() and not p.name.startswith("."))
+    if (data / "train").is_dir():
+        folders = sorted(c for part in folders for c in part.glob("*/") if c.is_dir())
+    return {
+        str(f.relative_to(data)): sum(1 for p in f.rglob("*") if is_image_file(p)) for f in folders
+    }
+
+
+def _started(out: Path) -> bool:
+    """Whether any repeat in ``out`` has trained (a result, a checkpoint or a metrics row)."""
+    marks = ("result.json", "run/last.pt", "run/metrics.csv")
+    return any((r / m).exists() for r in out.glob("repeat-*") for m in marks)
 
 
 def _check_data(data: Path, train_ratio: float | None, val_ratio: float) -> bool:
@@ -76,10 +97,17 @@ def _open(out: Path, wanted: dict[str, Any]) -> None:
             raise UserError(
                 f"{record}: not a bench record (damaged?); choose another --out"
             ) from None
-        # A setting added since that bench was written ran at its default there.
+        # A setting added since that bench was written ran at its default there; a bench
+        # written before the contents were recorded is not compared on them.
         defaults = protocol(Path(), TrainConfig(), None, 0.0)["settings"]
         saved = {**saved, "settings": {**defaults, **saved.get("settings", {})}}
-        if saved != wanted:
+        saved.setdefault("contents", wanted["contents"])
+        if saved != wanted and not _started(out):
+            # Nothing was trained under the old settings (a mistake refused at the start):
+            # the corrected command starts the bench afresh.
+            for old in [*out.glob("repeat-*"), out / "bench.md", record]:
+                shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        elif saved != wanted:
             changed = sorted(
                 k for k in {*saved, *wanted} if k != "settings" and saved.get(k) != wanted.get(k)
             )
@@ -87,7 +115,7 @@ def _open(out: Path, wanted: dict[str, Any]) -> None:
             changed += sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
             raise UserError(
                 f"{out} holds a bench run with other settings ({', '.join(changed)} differ);"
-                " give the same ones to continue it, or another --out"
+                " give the same ones (and data) to continue it, or another --out"
             )
     elif out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty and holds no bench.json; choose another --out DIR")
@@ -120,6 +148,8 @@ def _train(cfg: TrainConfig, run: Path, log: Callable[..., Any]) -> dict[str, An
     if (run / "last.pt").is_file():
         log(f"resuming {run}")
         return Trainer.from_config(resume_config(run, {}), resume=run, log=log).fit()
+    # The repeat's folder is the bench's own: what an interrupted first epoch left is replaced.
+    claim_run_folder(run, force=True)
     return Trainer.from_config(cfg, log=log).fit()
 
 
@@ -217,6 +247,9 @@ def run_bench(
     ``bench.json`` holds: the protocol, every repeat's result and their summary."""
     data, out = Path(data), Path(out)
     _check_data(data, train_ratio, val_ratio)
+    # Settings only the device decides (a --start-size above its resolution) are refused now,
+    # before anything is written.
+    resolve(cfg, select_device(cfg.device).type)
     wanted = protocol(data, cfg, train_ratio, val_ratio)
     _open(out, wanted)
     ratio = f"training ratio {train_ratio:.0%}" if train_ratio is not None else "its split"

@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -157,6 +158,17 @@ def save(ckpt: Checkpoint, path: str | Path) -> Path:
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except RuntimeError as e:
+        # torch's zip writer reports a short write (a full disk, a quota) as "enforce fail at
+        # inline_container.cc" instead of an OSError.
+        Path(tmp).unlink(missing_ok=True)
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointError(
+            f"cannot write checkpoint {path}: the write stopped short ({free:,} bytes free"
+            " on its disk; a full disk or a quota?)"
+        ) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

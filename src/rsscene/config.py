@@ -7,6 +7,7 @@ by :func:`resolve` (a GPU affords more epochs and pixels in the same wall time).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import sys
@@ -231,9 +232,23 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Settings from a YAML or TOML file, parsed as plain data (no object-building tags)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as e:
         raise UserError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    # A byte-order mark says which Unicode encoding an editor saved (Windows' "Unicode" is
+    # UTF-16); without one, the file is UTF-8.
+    boms = {
+        codecs.BOM_UTF16_LE: "utf-16",
+        codecs.BOM_UTF16_BE: "utf-16",
+        codecs.BOM_UTF8: "utf-8-sig",
+    }
+    encoding = next((e for bom, e in boms.items() if raw.startswith(bom)), "utf-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}: not {encoding.upper()} text (byte {e.start}); save the config file as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text) if path.suffix.lower() == ".toml" else yaml.safe_load(text)
     except yaml.constructor.ConstructorError as e:

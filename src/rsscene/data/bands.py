@@ -11,7 +11,7 @@ default record: 8-bit RGB decoding (``bands`` None), scale 255, ImageNet mean/st
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from rsscene.data.images import BAND_DTYPES, BandPick, Raster, load_tensor
+from rsscene.data.images import BAND_DTYPES, BandPick, ImageError, Raster, load_tensor
 from rsscene.data.transforms import MEAN, STD, eval_batch
 from rsscene.errors import UserError
 
@@ -34,7 +34,10 @@ STRETCH = (2.0, 98.0)
 def parse_band_spec(text: str) -> str:
     """``all``, 1-based indexes (``4,3,2``) or band names (``B04,B03,B02``), checked and
     normalised; a ``--bands`` value (argparse type)."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    parts = [p.strip() for p in str(text).split(",")]
+    if parts != [""] and "" in parts:
+        raise ValueError(f"--bands {text}: an empty band between commas")
+    parts = [p for p in parts if p]
     if not parts:
         raise ValueError("--bands: expected all, 1-based indexes such as 4,3,2, or band names")
     if parts == ["all"]:
@@ -169,40 +172,75 @@ class Preprocess:
         """One file's bands at the model size, ``C x size x size`` in the data's dtype."""
         return load_tensor(source, self.size, self.pick, name=name)
 
-    def input(self, images: Tensor) -> Tensor:
-        """Loaded images ``B x C x H x W`` (the data's dtype) → the model's float input."""
+    def input(self, images: Tensor, names: Sequence[str] | None = None) -> Tensor:
+        """Loaded images ``B x C x H x W`` (the data's dtype) → the model's float input, always
+        finite: an image holding NaN is refused (:func:`refuse_nan`, naming it by ``names``),
+        and values beyond float32's reach are clipped (:func:`~rsscene.data.transforms.normalize`)."""
+        refuse_nan(images, names)
         return eval_batch(images, self.size, self.normalize, self.mean, self.std, self.scale)
 
     def to_input(self, array: np.ndarray | Tensor, label: str = "<array>") -> Tensor:
         """An image already read (``C x H x W`` in the file's dtype, every band of the file,
-        e.g. a tile of a scene) → the model's input ``1 x C' x size x size``."""
+        e.g. a tile of a scene) → the model's input ``1 x C' x size x size``. NaN or infinite
+        values in the bands read are refused: a file's are filled when it is read
+        (:func:`~rsscene.data.images.finite_bands`), so an array must come filled too."""
         array = array.numpy() if isinstance(array, Tensor) else np.asarray(array)
         pick = self.pick
         if pick is not None:
             array = pick.take(Raster(array), label)
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ImageError(
+                label,
+                "holds NaN or infinite pixel values; fill them first, as files are filled when"
+                " read (rsscene.data.images.finite_bands: each band's mean)",
+            )
         x = torch.from_numpy(np.ascontiguousarray(array))
-        return self.input(x[None])
+        return self.input(x[None], [label])
 
     def display_bands(self) -> list[int]:
-        """Positions (0-based, in the model's input) of the bands shown as red, green, blue."""
-        if self.bands is None:
-            return [0, 1, 2]
-        chosen = self.display or self.bands[:3]
-        missing = [b for b in chosen if b not in self.bands]
+        """Positions (0-based, in the model's input) of the bands shown as red, green, blue:
+        ``display`` (1-based file bands, 1,2,3 for an RGB model) or by default the first three
+        bands, or a model of one or two bands in grey (its first band three times)."""
+        bands = self.bands or [1, 2, 3]
+        chosen = self.display or (bands[:3] if len(bands) >= 3 else bands[:1] * 3)
+        missing = [b for b in chosen if b not in bands]
         if missing or len(chosen) != 3:
+            kind = "" if self.bands else "; it reads 8-bit RGB"
             raise UserError(
                 f"show bands {','.join(map(str, chosen))}: give three of the model's bands"
-                f" ({','.join(map(str, self.bands))})"
+                f" ({','.join(map(str, bands))}{kind})"
             )
-        return [self.bands.index(b) for b in chosen]
+        return [bands.index(b) for b in chosen]
+
+
+def refuse_nan(images: Tensor, names: Sequence[str] | None = None) -> None:
+    """An :class:`~rsscene.data.images.ImageError` naming the first of the images ``B x ...``
+    that holds NaN (``names[i]``, else its place in the batch): NaN has no value to clip.
+
+    A file's own NaN and infinities are filled when it is read; NaN here comes from resizing
+    values at float32's limit (+-3.4e38, an unmarked nodata value), which overflow."""
+    if not images.dtype.is_floating_point:
+        return  # integers hold no NaN
+    bad = images.isnan().flatten(1).any(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        label = names[i] if names else f"image {i + 1} of {len(images)} in the batch"
+        raise ImageError(
+            label,
+            "pixel values near float32's limit (+-3.4e38, e.g. an unmarked nodata value) give NaN"
+            " once resized; mark them as nodata (NaN) in the file",
+        )
 
 
 def render_rgb(image: Tensor, pre: Preprocess) -> Tensor:
     """A loaded image (``C x H x W``, the data's dtype) as 8-bit RGB for display: RGB as it
-    is; other bands as the chosen triple, each stretched between its 2nd and 98th percentile."""
+    is (or the ``display`` order); other bands as the chosen triple (one band in grey), each
+    stretched between its 2nd and 98th percentile."""
+    order = pre.display_bands()
     if pre.bands is None:
-        return image
-    x = image[pre.display_bands()].float()
+        return image if order == [0, 1, 2] else image[order]
+    # float64: a float32 band reaching 3e38 would overflow to inf (and inf / inf is NaN).
+    x = image[order].double()
     flat = x.reshape(3, -1)
     lo = torch.quantile(flat, STRETCH[0] / 100, dim=1).view(3, 1, 1)
     hi = torch.quantile(flat, STRETCH[1] / 100, dim=1).view(3, 1, 1)

@@ -427,7 +427,8 @@ def read_split_file(path: str | Path) -> list[tuple[str, str]]:
     ``CLASS/name`` under SRC or a bare name found in one class folder."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: lists saved by Windows editors start with a byte-order mark.
+        text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--split-file {path}: cannot read ({getattr(e, 'strerror', e)})") from None
     if path.suffix.lower() == ".json":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,8 +100,18 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ModuleNotFoundError as e:
             raise _missing("tensorboard", "tensorboard", e) from None
+        folder = run_dir / "tensorboard"
+        try:
+            # Tried here first: SummaryWriter's own failure leaves its writer thread raising
+            # on stderr and names the file as bytes.
+            folder.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            raise UserError(
+                f"--log tensorboard: cannot write to {folder} ({e.strerror or e})"
+            ) from None
         self.writer = SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=start_epoch + 1 if start_epoch else None
+            str(folder), purge_step=start_epoch + 1 if start_epoch else None
         )
         self.step = start_epoch
 

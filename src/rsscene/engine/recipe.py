@@ -181,6 +181,14 @@ def steps_per_epoch(n: int, batch_size: int, dist: distributed.Dist) -> int:
     partial global batch is dropped)."""
     if n < dist.world:
         raise UserError(f"{n} training images cannot be shared among {dist.world} processes")
+    # BatchNorm's training statistics need two images; a step of one raises deep in torch.
+    if min(n, batch_size * dist.world) // dist.world < 2:
+        each = "" if dist.world == 1 else f" among {dist.world} processes"
+        hint = "add training images" if n < 2 * dist.world else "give --batch-size 2 or more"
+        raise UserError(
+            f"{n} training image{'s' if n != 1 else ''}{each}: a step needs at least 2 images"
+            f" per process (BatchNorm's statistics): {hint}"
+        )
     return len(chunks(list(range(n)), batch_size * dist.world, drop_last=True))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -196,7 +197,9 @@ def check_resume(
         saved, asked = ckpt.config.get(name), getattr(cfg, name)
         if name in ckpt.config and saved != asked:
             flag = name.replace("_", "-")
-            problems.append(f"it was trained with --{flag} {saved}, this run asks for {asked}")
+            problems.append(
+                f"it was trained {_setting(flag, saved)}, this run asks {_setting(flag, asked)}"
+            )
     if ckpt.class_names != classes:
         problems.append(f"its classes {ckpt.class_names} differ from {classes}")
     elif ckpt.data_fingerprint != fingerprint:
@@ -257,6 +260,13 @@ def load_optimizer(
     return notes
 
 
+def _setting(flag: str, value: Any) -> str:
+    """How a setting reads in a sentence: ``--bands 4,3,2``, ``without --bands``."""
+    if value is None or value is False:
+        return f"without --{flag}" + (" (8-bit RGB)" if flag == "bands" else "")
+    return f"with --{flag}" if value is True else f"with --{flag} {value}"
+
+
 def schedule_moved(ckpt: Checkpoint, per_process: int, world: int) -> bool:
     """Whether the schedule must be re-positioned because the effective batch changed (only
     allowed at an epoch boundary, since a mid-epoch position counts steps of the old size)."""
@@ -270,6 +280,38 @@ def schedule_moved(ckpt: Checkpoint, per_process: int, world: int) -> bool:
             f" resume with a --batch-size and process count whose product is {saved}"
         )
     return True
+
+
+# What a run writes into its folder: a folder holding any of the first five holds a run.
+RUN_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", "report.json")
+RUN_OUTPUTS = (
+    *RUN_FILES,
+    "curves.png",
+    "confusion.json",
+    "confusion.png",
+    "misclassified.csv",
+    "tensorboard",
+)
+
+
+def claim_run_folder(run_dir: Path, force: bool = False) -> None:
+    """Refuse a folder that holds another run, before anything is decoded or written; with
+    ``force`` that run's files are removed first, so that nothing of it stays beside the new
+    one (TensorBoard's events included)."""
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not found:
+        return
+    if not force:
+        raise UserError(
+            f"{run_dir} holds a run ({', '.join(found)}): continue it with --resume {run_dir},"
+            " replace it with --force, or choose another --out"
+        )
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def run_folder(resume: str | Path) -> Path:

@@ -119,10 +119,15 @@ class Trainer:
 
     @classmethod
     def from_config(
-        cls, cfg: TrainConfig, resume: str | Path | None = None, log: Any = print
+        cls,
+        cfg: TrainConfig,
+        resume: str | Path | None = None,
+        log: Any = print,
+        force: bool = False,
     ) -> Trainer:
-        """Every part from ``cfg``, as ``rsscene train`` builds them ."""
-        return _build(cfg, resume, log)
+        """Every part from ``cfg``, as ``rsscene train`` builds them. A ``cfg.out`` that holds
+        another run is refused unless ``resume`` continues it or ``force`` replaces it."""
+        return _build(cfg, resume, log, force)
 
     # ----------------------------------------------------------------------- set-up
     def restore(self, ckpt: Checkpoint, source: str | Path = "the checkpoint") -> None:
@@ -395,7 +400,9 @@ class Trainer:
         return report
 
 
-def _build(cfg: TrainConfig, resume: str | Path | None = None, log: Any = print) -> Trainer:
+def _build(
+    cfg: TrainConfig, resume: str | Path | None = None, log: Any = print, force: bool = False
+) -> Trainer:
     """Every part from ``cfg``: the settings resolved for the device (once, here), the split in
     ``cfg.data``, the model (with ``--weights``), the recipe's optimizer; under torchrun, the
     process group. With ``resume`` (a run folder or its ``last.pt``) the run continues where
@@ -406,6 +413,8 @@ def _build(cfg: TrainConfig, resume: str | Path | None = None, log: Any = print)
         if dist.enabled and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
         cfg = config.resolve(cfg, device.type, world=dist.world)
+        if resume is None and cfg.out and dist.main:
+            runstate.claim_run_folder(Path(cfg.out), force)
         ckpt = runstate.load_resume(resume) if resume else None
         set_determinism(cfg.deterministic, device)
         torch.manual_seed(cfg.seed)
