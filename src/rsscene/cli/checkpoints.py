@@ -1,0 +1,238 @@
+"""The commands that read a trained checkpoint: evaluate, predict, cam, export and map."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rsscene.cli.args import (
+    TTA_HELP,
+    add_checkpoint_args,
+    checkpoint_device,
+    nothing_read,
+    open_predictor,
+    positive_float,
+    positive_int,
+    show_bands,
+    warn_skipped,
+)
+from rsscene.device import AMP_MODES
+from rsscene.errors import UserError
+
+
+# --------------------------------------------------------------------------- evaluate
+def add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="accuracy, per-class report and confusion matrix")
+    add_checkpoint_args(p, batch_size=True, tta="also report 8-way flip/rotation TTA")
+    p.add_argument("data", metavar="DATA", help="a split folder (its test part) or class folders")
+    p.add_argument(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="write report.json, confusion.*, "
+        "misclassified.csv here (default: beside the checkpoint, eval-DATA)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rsscene.engine.evaluate import evaluate_checkpoint, format_report
+
+    ckpt = Path(args.checkpoint)
+    out = args.output or (ckpt if ckpt.is_dir() else ckpt.parent) / f"eval-{Path(args.data).name}"
+    report = evaluate_checkpoint(
+        ckpt,
+        args.data,
+        out=out,
+        tta=args.tta,
+        batch_size=args.batch_size,
+        device=checkpoint_device(args),
+        strict=args.strict,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(format_report(report))
+    print(f"reports written to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- predict
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="class names and probabilities for images or folders")
+    add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="images or folders (recursive)")
+    p.add_argument("--topk", type=positive_int, default=3)
+    p.add_argument("--output", "-o", metavar="FILE", help="write .csv or .json")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable image")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from rsscene.inference import (
+        PREDICTION_FILES,
+        collect_images,
+        format_predictions,
+        write_predictions,
+    )
+
+    out = Path(args.output) if args.output else None
+    if out is not None and out.suffix.lower() not in PREDICTION_FILES:
+        raise UserError(f"--output {out}: use a .csv or .json file name")
+    files, problems = collect_images(args.paths)
+    predictor = open_predictor(args)
+    results, errors = predictor.predict_files(files, args.topk, args.tta, args.batch_size)
+    errors = problems + errors
+    if errors and args.strict:
+        raise UserError("unreadable: " + "; ".join(f"{f}: {r}" for f, r in errors))
+    if not results:
+        raise nothing_read("predict", errors)
+    print(format_predictions(results))
+    warn_skipped(errors)
+    print(f"predicted {len(results)} image(s), skipped {len(errors)}", file=sys.stderr)
+    if out is not None:
+        write_predictions(out, results, errors, args.topk)
+        print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- cam
+def add_cam(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cam", help="Grad-CAM overlays: where in each image the class was seen")
+    add_checkpoint_args(p)
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR", help="images or folders")
+    p.add_argument("--out", required=True, metavar="DIR", help="write NAME_cam.png files here")
+    p.add_argument(
+        "--layer", default="layer4", help="dotted module name (default: layer4, the last stage)"
+    )
+    p.add_argument(
+        "--class", dest="class_name", metavar="NAME", help="explain this class, not the predicted"
+    )
+    p.add_argument(
+        "--tta",
+        choices=["no", "yes"],
+        default="no",
+        help="yes: class and probability from the 8 flips/rotations",
+    )
+    p.add_argument(
+        "--show-bands",
+        type=show_bands,
+        metavar="R,G,B",
+        help="multi-band models: the three bands (1-based, as in --bands) drawn as red, green,"
+        " blue (default: the model's first three)",
+    )
+    p.set_defaults(func=cmd_cam)
+
+
+def cmd_cam(args: argparse.Namespace) -> int:
+    from rsscene.explain import write_cams
+
+    predictor = open_predictor(args)
+    if args.show_bands:
+        predictor.pre.display = args.show_bands
+    written, errors = write_cams(
+        predictor, args.paths, args.out, args.class_name, args.layer, args.tta == "yes"
+    )
+    if not written:
+        raise nothing_read("explain", errors)
+    warn_skipped(errors)
+    print(f"wrote {len(written)} Grad-CAM figure(s) to {args.out}, skipped {len(errors)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- export
+def add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write ONNX or TorchScript, checked against PyTorch",
+        description="The exported model takes float32 RGB in 0..1 (N x 3 x S x S), or a"
+        " multi-band model's bands divided by their scale (N x C x S x S), and returns class"
+        " probabilities: normalisation and softmax are inside it.",
+    )
+    add_checkpoint_args(p, device=False)  # the file is traced and checked on the CPU
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, metavar="FILE")
+    p.add_argument(
+        "--sample",
+        nargs="+",
+        metavar="PATH",
+        help="images or folders for the parity check (default: built-in scenes)",
+    )
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rsscene.export import export, format_result
+
+    predictor = open_predictor(args)
+    result = export(predictor, args.format, args.out, args.sample)
+    print(format_result(predictor, result))
+    return 0 if result.ok else 1
+
+
+# --------------------------------------------------------------------------- map
+def add_map(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "map",
+        help="classify a whole scene tile by tile into a (georeferenced) land-use map",
+        description="Cut SCENE into windows, predict them in batches and write classes.tif"
+        " (classes.png without georeference), overlay.png, tiles.csv/.geojson and summary.json"
+        " to --out. GeoTIFFs are read window by window (pip install 'rsscene[geo]').",
+    )
+    add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
+    p.add_argument("scene", metavar="SCENE", help="a GeoTIFF or any image rsscene reads")
+    p.add_argument("--out", required=True, metavar="DIR")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument(
+        "--tile",
+        type=positive_int,
+        metavar="PX",
+        help="window side in source pixels (default: the size of the training images)",
+    )
+    size.add_argument(
+        "--tile-m", type=positive_float, metavar="M", help="window side in metres on the ground"
+    )
+    p.add_argument(
+        "--stride",
+        type=positive_int,
+        metavar="PX",
+        help="step between windows (default: the tile; smaller overlaps them, and overlapping"
+        " windows average their probabilities; it must divide the tile)",
+    )
+    p.add_argument("--tiles", choices=["csv", "geojson"], default="csv", help="cell table format")
+    p.add_argument("--probabilities", action="store_true", help="also write probabilities.tif")
+    p.add_argument("--truth", metavar="CSV", help="row,col,class per cell: report tile accuracy")
+    p.add_argument(
+        "--amp",
+        choices=AMP_MODES,
+        default="auto",
+        help="precision of the batches: auto (bf16 where the CPU or GPU has it), bf16, fp16 or"
+        " off (float32, exactly as predict)",
+    )
+    p.set_defaults(func=cmd_map)
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    from rsscene.mapping import format_summary, map_scene
+
+    summary = map_scene(
+        open_predictor(args),
+        args.scene,
+        args.out,
+        tile=args.tile,
+        tile_m=args.tile_m,
+        stride=args.stride,
+        batch_size=args.batch_size,
+        tta=args.tta,
+        tiles=args.tiles,
+        probabilities=args.probabilities,
+        truth=args.truth,
+        progress=sys.stderr.isatty(),
+        amp=args.amp,
+    )
+    print(format_summary(summary, args.out))
+    return 0
