@@ -323,3 +323,96 @@ def test_an_unwritable_output_gives_one_line(
     assert status == 2 and "Traceback" not in err, err
     assert last.startswith(f"rsscene {case.split()[0]}: error:") and str(out) in last, err
     assert last.endswith(os.strerror(code)), err
+
+
+# --------------------------------------------------------------------------- integrity
+def test_a_short_write_from_torch_on_a_full_disk_gives_one_line(
+    split: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    def short(*args, **kwargs) -> NoReturn:
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", short)
+    code, err = cli(["train", split, *TINY, "--out", tmp_path / "run"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert (
+        err.startswith("rsscene train: error: cannot write checkpoint") and "stopped short" in err
+    )
+    assert not list((tmp_path / "run").glob("*.pt*"))
+
+
+def test_train_refuses_an_earlier_run_unless_resumed_or_forced(
+    split: Path, tmp_path: Path, capsys
+) -> None:
+    run = tmp_path / "run"
+    assert cli(["train", split, *TINY, "--out", run], capsys)[0] == 0
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.old").write_text("old")
+    before = (run / "last.pt").read_bytes()
+    code, err = cli(["train", split, *TINY, "--out", run], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{run} holds a run" in err and "--resume" in err and "--force" in err
+    assert (run / "last.pt").read_bytes() == before
+    assert cli(["train", split, *TINY, "--out", run, "--force"], capsys)[0] == 0
+    assert not (run / "tensorboard").exists()  # nothing of the old run beside the new one
+    assert checkpoint.load(run / "last.pt").next_epoch == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("one image", "1 training image: a step needs at least 2 images"),
+        ("utf-16 config", None),
+        ("bands 4,,3", "an empty band between commas"),
+        ("read-only tensorboard", "--log tensorboard: cannot write to"),
+    ],
+)
+def test_more_mistakes_give_one_line(
+    case: str, message: str | None, split: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    argv = ["train", split, *TINY, "--out", tmp_path / "run"]
+    if case == "one image":
+        data = tmp_path / "one"
+        for part in ("train", "test"):
+            (data / part / "a").mkdir(parents=True)
+            (data / part / "a" / "x.png").write_bytes(encode(noise(40, 40), "PNG"))
+        argv[1] = data
+    elif case == "utf-16 config":
+        (tmp_path / "c.yaml").write_text("epochs: 1\nlr: 0.002\n", encoding="utf-16")
+        from rsscene.config import read_config_file
+
+        assert read_config_file(tmp_path / "c.yaml") == {"epochs": 1, "lr": 0.002}
+        (tmp_path / "c.yaml").write_bytes(b"epochs: 1\n\xff\xfe\xfa")
+        argv += ["--config", tmp_path / "c.yaml"]
+        message = "not UTF-8 text (byte 10); save the config file as UTF-8"
+    elif case == "bands 4,,3":
+        argv += ["--bands", "4,,3"]
+    else:
+        import tempfile
+
+        def read_only(*args, **kwargs) -> NoReturn:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+        argv += ["--log", "tensorboard"]
+    code, err = cli(argv, capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+
+
+def test_the_demo_stopped_by_sigterm_says_so_in_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    done = rsscene("demo", "--out", out, "--per-class", "8", "--epochs", "40", "--img-size", "32")
+    lines = []
+    for line in done.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1/"):
+            done.send_signal(signal.SIGTERM)
+            break
+    rest = done.stdout.read()
+    assert done.wait(timeout=120) == 128 + signal.SIGTERM, "".join(lines) + rest
+    assert "Traceback" not in rest and "SIGTERM: stopped after epoch" in rest, rest
+    assert "demo: run it again to start over" in rest
+    # The stopped demo's folder is its own: the same command starts over there.
+    again = rsscene("demo", "--out", out, "--per-class", "4", "--epochs", "1", "--img-size", "32")
+    assert again.wait(timeout=300) == 0, again.stdout.read()

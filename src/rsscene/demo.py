@@ -37,13 +37,16 @@ def run_demo(
     """Run the whole pipeline in ``out`` and print where everything is; returns the report."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
-        # Only a finished earlier demo is replaced: anything else in the folder may be the user's.
-        if not (out / "demo.done").exists():
+        # Only an earlier demo (finished or stopped) is replaced: anything else in the folder
+        # may be the user's.
+        if not any((out / mark).exists() for mark in ("demo.done", "demo.started")):
             raise UserError(f"{out} exists and is not an earlier demo; choose another --out DIR")
         shutil.rmtree(out)
     started = time.perf_counter()
     per_class = per_class or SCENES["per_class"]
     raw, split, run = out / "scenes", out / "split", out / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo.started").write_text("")
 
     print(f"[1/5] synth: {per_class} built-in scenes per class -> {raw}")
     generate(raw, per_class=per_class, size=SCENES["size"], seed=0)
