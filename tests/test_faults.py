@@ -416,3 +416,8 @@ def test_the_demo_stopped_by_sigterm_says_so_in_one_line(tmp_path: Path) -> None
     # The stopped demo's folder is its own: the same command starts over there.
     again = rsscene("demo", "--out", out, "--per-class", "4", "--epochs", "1", "--img-size", "32")
     assert again.wait(timeout=300) == 0, again.stdout.read()
+
+
+def test_a_number_flag_given_nan_says_it_is_not_a_number(files: dict[str, Path], capsys) -> None:
+    code, err = cli(["map", files["ckpt"], files["image"], "--out", "x", "--tile-m", "nan"], capsys)
+    assert code == 2 and "--tile-m: expected a number, got nan" in err

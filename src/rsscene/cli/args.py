@@ -4,6 +4,7 @@ and helpers of the commands that read a checkpoint (CKPT, --device, --batch-size
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -89,7 +90,9 @@ def non_negative_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text}") from None
-    if not value >= 0:
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number, got {text}")
+    if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
     return value
 
