@@ -213,6 +213,11 @@ def add_map(sub: argparse._SubParsersAction) -> None:
         help="precision of the batches: auto (bf16 where the CPU or GPU has it), bf16, fp16 or"
         " off (float32, exactly as predict)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace the earlier map --out holds, whatever scene or settings made it",
+    )
     p.set_defaults(func=cmd_map)
 
 
@@ -231,8 +236,9 @@ def cmd_map(args: argparse.Namespace) -> int:
         tiles=args.tiles,
         probabilities=args.probabilities,
         truth=args.truth,
-        progress=sys.stderr.isatty(),
+        progress=True,
         amp=args.amp,
+        force=args.force,
     )
     print(format_summary(summary, args.out))
     return 0

@@ -6,8 +6,10 @@ as ``C x H x W`` in the file's own dtype (any number of bands, pixel- or band-in
 compressed); every other format is decoded by Pillow through :func:`open_image` into 8-bit
 RGB (any mode becomes 3-channel RGB, EXIF orientation is applied, the first frame of an
 animation is taken). Models trained without ``--bands`` read every file as 8-bit RGB
-(:func:`load_tensor` without ``bands``), as rsscene always did. Anything that is not a
-decodable image of sane size raises :class:`ImageError` naming the file.
+(:func:`load_tensor` without ``bands``), as rsscene always did. What a TIFF may hold (sample
+type, bands, pages) is decided by :func:`check_raster` alone, for files and for the scenes
+``rsscene map`` reads by window. Anything that is not a decodable image of sane size raises
+:class:`ImageError` naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +30,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from rsscene.errors import UserError
+
+if TYPE_CHECKING:
+    import tifffile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 # 100 megapixels: far above any scene tile, far below what would exhaust memory when decoded.
@@ -38,6 +44,10 @@ MAX_BYTES_PER_PIXEL = 8
 TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 # Sample types a band image may hold (what remote-sensing rasters use).
 BAND_DTYPES = ("uint8", "uint16", "int16", "float32")
+# Sample types of 3 colour bands read as RGB: Pillow decodes 8- and 16-bit RGB, nothing else.
+RGB_DTYPES = ("uint8", "uint16")
+# Pages looked at one by one (overview or not); a file with more counts the rest as images.
+MAX_PAGES_INSPECTED = 64
 # GDAL writes band descriptions into its XML metadata tag; read them without an XML parser
 # (nothing in an untrusted file gets to expand entities).
 _GDAL_DESCRIPTION = re.compile(
@@ -101,6 +111,11 @@ def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator
                 raise ImageError(label, "empty file")
             fp = open(source, "rb")  # noqa: SIM115 - closed below, Pillow reads lazily
         with fp, warnings.catch_warnings():
+            if _header(source) in TIFF_MAGIC:
+                # The rule every raster reader applies (map's scenes too), before Pillow, which
+                # would read a 4th band as alpha, a multi-page file as its first page, and
+                # int32 or 1-bit samples as grey.
+                check_raster(label, _tiff_header(source, label, max_pixels), rgb=True)
             # Pillow warns from 89 MP, below max_pixels; the check below is the limit that holds
             # (Pillow's own error, at twice its warning size, stays as a backstop).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -110,8 +125,6 @@ def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator
                 raise ImageError(label, _too_large(w, h, max_pixels))
             if min(w, h) < MIN_SIDE:
                 raise ImageError(label, f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
-            if img.format == "TIFF":
-                _refuse_extra_bands(img, label)
             yield img
     except ImageError:
         raise
@@ -123,9 +136,12 @@ def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator
         raise ImageError(label, "permission denied") from None
     except UnidentifiedImageError:
         if _header(source) in TIFF_MAGIC:
-            # Pillow reads at most 4 bands; say what the file is rather than "not an image".
-            raster = read_image(source, max_pixels=max_pixels, name=label)
-            raise ImageError(label, _not_rgb(raster.array.shape[0], raster.array.dtype)) from None
+            # It passed the rule above: a layout or codec Pillow lacks, not a wrong kind of file.
+            raise ImageError(
+                label,
+                "a TIFF whose layout Pillow cannot decode as RGB; a model trained with --bands"
+                " reads it",
+            ) from None
         raise ImageError(label, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(label, f"refused as a possible decompression bomb ({e})") from None
@@ -153,7 +169,7 @@ def image_size(
         import tifffile
 
         with _tiff_errors(label), tifffile.TiffFile(_stream(source)) as tif:
-            _check_tiff_page(tif.pages.first, label, max_pixels)
+            _check_tiff(tif, label, max_pixels)
             return int(tif.pages.first.imagewidth), int(tif.pages.first.imagelength)
     with _opened(source, max_pixels, label) as img:
         return img.size
@@ -178,20 +194,84 @@ def _not_rgb(bands: int, dtype: np.dtype | None = None) -> str:
     )
 
 
-def _refuse_extra_bands(img: Image.Image, label: str) -> None:
-    """A 4-band TIFF whose 4th band is not transparency (RGB + near-infrared) would become RGBA
-    in Pillow, its infrared taken as alpha: refused instead of silently losing a band."""
-    samples = int(img.tag_v2.get(277, 1))
-    extra = img.tag_v2.get(338, ())
-    extra = extra if isinstance(extra, tuple) else (extra,)
-    alpha = sum(1 for e in extra if e in (1, 2))  # associated or unassociated alpha
+@dataclass(frozen=True)
+class RasterInfo:
+    """What a raster's header says: its sample type, its bands (``alpha`` of them
+    transparency) and its full-resolution pages (overviews and masks not counted)."""
+
+    dtype: str
+    bands: int
+    alpha: int = 0
+    pages: int = 1
+
+
+def check_raster(label: str, info: RasterInfo, *, rgb: bool = False) -> None:
+    """The one rule of what a raster may be, for every reader (files, and map's scenes): one
+    image (a pyramid's reduced-resolution pages aside), samples of a :data:`BAND_DTYPES` type,
+    and, read as 8-bit RGB (``rgb``), 1 or 3 colour bands, 3 only of 8 or 16 bits. Raises an
+    :class:`ImageError` naming ``label`` otherwise."""
+    if info.pages > 1:
+        raise ImageError(
+            label,
+            f"has {info.pages} pages (images), and rsscene reads one image per file; save the"
+            " page you mean as a file of its own (reduced-resolution overview pages are fine)",
+        )
+    if info.dtype not in BAND_DTYPES:
+        raise ImageError(
+            label, f"sample type {info.dtype} is not supported (one of {', '.join(BAND_DTYPES)})"
+        )
+    colour = info.bands - info.alpha
+    if not rgb or colour == 1 or (colour == 3 and info.dtype in RGB_DTYPES):
+        return
+    if colour == 3:
+        raise ImageError(
+            label,
+            f"has 3 bands of {info.dtype}, but this reads RGB images of 8 or 16 bits; a model"
+            " trained with --bands reads other sample types",
+        )
+    raise ImageError(label, _not_rgb(colour, np.dtype(info.dtype)))
+
+
+def tiff_info(tif: tifffile.TiffFile) -> RasterInfo:
+    """The :class:`RasterInfo` of an open ``tifffile.TiffFile``, from its tags alone."""
+    page = tif.pages.first
+    bands = int(page.samplesperpixel)
+    alpha = sum(1 for e in page.extrasamples if e in (1, 2))  # associated or unassociated
     # GDAL's own colour interpretation overrides the tag (NAIP files tag their near-infrared
     # band as alpha and say "Undefined" here).
-    interp = dict(_GDAL_COLORINTERP.findall(str(img.tag_v2.get(42112, ""))))
+    tag = page.tags.get("GDAL_METADATA")
+    interp = dict(_GDAL_COLORINTERP.findall(str(tag.value))) if tag is not None else {}
     if interp:
-        alpha = sum(1 for i in range(3, samples) if interp.get(str(i), "").lower() == "alpha")
-    if samples - alpha > 3:
-        raise ImageError(label, _not_rgb(samples))
+        alpha = sum(1 for i in range(1, bands) if interp.get(str(i), "").lower() == "alpha")
+    dtype = page.dtype.name if page.dtype is not None else f"{page.bitspersample}-bit"
+    return RasterInfo(dtype, bands, alpha, _full_pages(tif))
+
+
+def _full_pages(tif: tifffile.TiffFile) -> int:
+    """Pages that are images of their own: not reduced-resolution (overviews), not masks."""
+    total = len(tif.pages)
+    if total == 1:
+        return 1
+    seen = min(total, MAX_PAGES_INSPECTED)
+    # NewSubfileType: bit 0 a reduced-resolution version of another page, bit 2 a mask.
+    own = sum(1 for i in range(seen) if not int(tif.pages[i].subfiletype) & 0b101)
+    return own + total - seen
+
+
+def raster_header(source: str | Path | bytes, *, name: str | None = None) -> RasterInfo:
+    """A TIFF's :class:`RasterInfo` from its header, nothing decoded (any size)."""
+    import tifffile
+
+    label = _label(source, name)
+    with _tiff_errors(label), tifffile.TiffFile(_stream(source)) as tif:
+        return tiff_info(tif)
+
+
+def _tiff_header(source: str | Path | bytes, label: str, max_pixels: int) -> RasterInfo:
+    import tifffile
+
+    with _tiff_errors(label), tifffile.TiffFile(_stream(source)) as tif:
+        return _check_tiff(tif, label, max_pixels)
 
 
 def _stream(source: str | Path | bytes) -> str | Path | io.BytesIO:
@@ -227,26 +307,27 @@ def _gdal_names(page, bands: int) -> list[str] | None:
     return [found.get(i, "") for i in range(bands)]
 
 
-def _check_tiff_page(page, label: str, max_pixels: int) -> None:
-    """Refuse, from the header alone, what would be too large, too small or of another kind."""
+def _check_tiff(tif: tifffile.TiffFile, label: str, max_pixels: int) -> RasterInfo:
+    """Refuse, from the header alone, what would be too large or too small, and what
+    :func:`check_raster` refuses; the header's :class:`RasterInfo` otherwise."""
+    page = tif.pages.first
     h, w = int(page.imagelength), int(page.imagewidth)
     bands = int(page.samplesperpixel)
     if w * h > max_pixels:
         raise ImageError(label, _too_large(w, h, max_pixels))
-    if w * h * bands * page.dtype.itemsize > max_pixels * MAX_BYTES_PER_PIXEL:
+    itemsize = page.dtype.itemsize if page.dtype is not None else 1
+    if w * h * bands * itemsize > max_pixels * MAX_BYTES_PER_PIXEL:
         raise ImageError(
             label,
             f"too large ({w}x{h} x {bands} bands of {page.dtype} ="
-            f" {w * h * bands * page.dtype.itemsize:,} bytes decoded): refused as a possible"
+            f" {w * h * bands * itemsize:,} bytes decoded): refused as a possible"
             " decompression bomb",
         )
     if min(w, h) < MIN_SIDE:
         raise ImageError(label, f"too small ({w}x{h}; at least {MIN_SIDE} px a side)")
-    if page.dtype is None or page.dtype.name not in BAND_DTYPES:
-        raise ImageError(
-            label,
-            f"sample type {page.dtype} is not supported (one of {', '.join(BAND_DTYPES)})",
-        )
+    info = tiff_info(tif)
+    check_raster(label, info)
+    return info
 
 
 def finite_bands(array: np.ndarray, label: str) -> np.ndarray:
@@ -270,7 +351,7 @@ def _read_tiff(source: str | Path | bytes, label: str, max_pixels: int) -> Raste
 
     with tifffile.TiffFile(_stream(source)) as tif:
         page = tif.pages.first
-        _check_tiff_page(page, label, max_pixels)
+        _check_tiff(tif, label, max_pixels)
         if page.photometric == tifffile.PHOTOMETRIC.PALETTE:
             # Colour-mapped: the indexes are no bands; Pillow applies the palette.
             return Raster(to_tensor(open_image(source, max_pixels=max_pixels, name=label)).numpy())

@@ -4,14 +4,15 @@
 batches (:mod:`.tiling`) and writes, in its output folder (:mod:`.outputs`): ``classes.tif``
 (class index per cell, with the scene's CRS and a transform that places every cell exactly;
 ``classes.png`` where the scene has no georeference), ``probabilities.tif`` on request,
-``overlay.png``, ``tiles.csv`` or ``tiles.geojson``, and ``summary.json``.
+``overlay.png``, ``tiles.csv`` or ``tiles.geojson``, and ``summary.json``. The folder gets one
+complete map or none, never mixed with other files nor written over the scene (:mod:`.folder`).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
-import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,16 @@ from rsscene.device import amp_dtype
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping import outputs
+from rsscene.mapping.folder import RECORD, Target, check_target, scene_record, staged
 from rsscene.mapping.scenes import Scene, check_bands, open_scene
-from rsscene.mapping.tiling import MapResult, make_grid, predict_scene
+from rsscene.mapping.tiling import (
+    MIN_TILE,
+    PROGRESS_EVERY,
+    Grid,
+    MapResult,
+    make_grid,
+    predict_scene,
+)
 
 __all__ = [
     "MapResult",
@@ -46,7 +55,14 @@ def default_tile(predictor: Predictor, scene: Scene, tile_m: float | None = None
     units = (scene.crs.linear_units or "").lower()
     if units not in ("metre", "meter", "metres", "meters"):
         raise UserError(f"--tile-m: {scene.path} is in {units or 'unknown'} units, not metres")
-    return max(1, round(tile_m / abs(scene.transform.a)))
+    pixel = math.hypot(scene.transform.a, scene.transform.d)  # a pixel's width on the ground
+    if round(tile_m / pixel) < MIN_TILE:
+        size = "less than one pixel" if tile_m < pixel else f"{tile_m / pixel:.3g} px"
+        raise UserError(
+            f"--tile-m {tile_m:g}: a window of {size} of {scene.path}'s {pixel:g} m pixels; a"
+            f" window needs at least {MIN_TILE} px, so --tile-m {MIN_TILE * pixel:g} or more"
+        )
+    return round(tile_m / pixel)
 
 
 def tile_accuracy(result: MapResult, truth: str | Path) -> dict[str, Any]:
@@ -85,45 +101,78 @@ def map_scene(
     max_pixels: int | None = None,
     max_windows: int | None = None,
     amp: str = "off",
+    force: bool = False,
+    progress_every: float = PROGRESS_EVERY,
 ) -> dict[str, Any]:
-    """Map ``scene_path`` with ``predictor``'s model into ``out``; returns the summary.
+    """Map ``scene_path`` with ``predictor``'s model into the folder ``out``; the summary.
 
-    ``max_pixels`` and ``max_windows`` bound the work one call may ask for (the server's)."""
+    ``out`` gets one complete map or none (:mod:`.folder`): it must be new, empty, or an
+    earlier map of the same scene file and settings, which is replaced whole; ``force``
+    replaces any earlier map. ``progress`` shows a bar on a terminal, else a line on stderr
+    every ``progress_every`` seconds. ``max_pixels`` and ``max_windows`` bound the work one
+    call may ask for (the server's)."""
     if probabilities and importlib.util.find_spec("rasterio") is None:
         raise UserError('--probabilities writes a GeoTIFF: pip install "rsscene[geo]"')
     scene = open_scene(scene_path, max_pixels)
     try:
         check_bands(scene, predictor.pre)
         grid = make_grid(scene, tile or default_tile(predictor, scene, tile_m), stride)
-        windows = grid.window_rows * grid.window_cols
-        if max_windows is not None and windows > max_windows:
-            raise UserError(
-                f"{scene.path}: {windows:,} windows of {grid.tile} px every {grid.stride} px;"
-                f" the limit is {max_windows:,} (use a larger tile or stride)"
-            )
+        _check_windows(scene, grid, max_windows)
+        settings = {
+            "checkpoint": str(Path(predictor.source).resolve()),
+            "tile": grid.tile,
+            "stride": grid.stride,
+            "tta": tta,
+            "amp": amp,
+            "tiles": tiles,
+            "probabilities": probabilities,
+            "truth": None if truth is None else str(Path(truth).resolve()),
+        }
+        # Checked before the windows are predicted: a refusal costs nothing.
+        target = check_target(out, scene.path, scene_record(scene.path, settings), force)
         dtype = amp_dtype(amp, predictor.device)
         started = time.perf_counter()
-        result = predict_scene(predictor, scene, grid, batch_size, tta, progress, dtype)
-        predicting = time.perf_counter() - started
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        result = predict_scene(
+            predictor, scene, grid, batch_size, tta, progress, dtype, progress_every
+        )
         summary = outputs.summarize(scene, result)
         summary["checkpoint"] = str(predictor.source)
         summary["precision"] = str(dtype or torch.float32).removeprefix("torch.")
-        summary["predict_seconds"] = round(predicting, 3)
+        summary["predict_seconds"] = round(time.perf_counter() - started, 3)
         if truth is not None:
             summary["truth"] = tile_accuracy(result, truth)
-        files = [outputs.write_class_raster(out, scene, result)]
-        if probabilities:
-            files.append(outputs.write_probabilities(out, scene, result))
-        files.append(outputs.write_cells(out, scene, result, tiles))
-        title = f"{scene.path.name}: {predictor.arch}, {grid.tile} px tiles every {grid.stride} px"
-        files.append(outputs.write_overlay(out, scene, result, title, predictor.pre))
-        summary["files"] = [str(p) for p in files]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return summary
+        return _write_map(target, scene, result, predictor, summary)
     finally:
         scene.close()
+
+
+def _write_map(
+    target: Target, scene: Scene, result: MapResult, predictor: Predictor, summary: dict
+) -> dict[str, Any]:
+    """Every file of the map, written in a folder that is put in place whole once they all
+    are; the summary as written (its record of the scene and settings aside)."""
+    settings = target.record["settings"]
+    with staged(target) as folder:
+        files = [outputs.write_class_raster(folder, scene, result)]
+        if settings["probabilities"]:
+            files.append(outputs.write_probabilities(folder, scene, result))
+        files.append(outputs.write_cells(folder, scene, result, settings["tiles"]))
+        grid = result.grid
+        title = f"{scene.path.name}: {predictor.arch}, {grid.tile} px tiles every {grid.stride} px"
+        files.append(outputs.write_overlay(folder, scene, result, title, predictor.pre))
+        summary["files"] = [str(target.out / p.name) for p in files]
+        summary = outputs.finite(summary)
+        outputs.write_json(folder / "summary.json", {**summary, RECORD: target.record})
+    return summary
+
+
+def _check_windows(scene: Scene, grid: Grid, max_windows: int | None) -> None:
+    windows = grid.window_rows * grid.window_cols
+    if max_windows is not None and windows > max_windows:
+        raise UserError(
+            f"{scene.path}: {windows:,} windows of {grid.tile} px every {grid.stride} px;"
+            f" the limit is {max_windows:,} (use a larger tile or stride)"
+        )
 
 
 def format_summary(summary: dict[str, Any], out: str | Path) -> str:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +15,40 @@ import numpy as np
 from PIL import Image
 
 from rsscene.data.bands import Preprocess
+from rsscene.errors import UserError
 from rsscene.mapping.scenes import Scene, as_rgb8
 from rsscene.mapping.tiling import NODATA_CLASS, MapResult
 
 PREVIEW_SIDE = 1200
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists and tuples) as None: JSON
+    has no such numbers, and a reader of the map should see "unknown", not a parse error."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any, indent: int | None = 2) -> Path:
+    """``value`` as strict JSON (no NaN or Infinity, which most parsers reject)."""
+    path.write_text(json.dumps(finite(value), indent=indent, allow_nan=False) + "\n")
+    return path
+
+
+@contextmanager
+def _gdal_writing(path: Path) -> Iterator[None]:
+    """GDAL's write errors (disk full, a folder in the way) as one line naming the file."""
+    import rasterio
+
+    try:
+        yield
+    except (rasterio.errors.RasterioError, rasterio.errors.CPLE_BaseError) as e:
+        raise UserError(f"{path}: cannot write it ({e})") from None
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -74,7 +107,7 @@ def write_class_raster(out: Path, scene: Scene, result: MapResult) -> Path:
         "nodata": NODATA_CLASS,
         "compress": "deflate",
     }
-    with rasterio.open(path, "w", **profile) as dst:
+    with _gdal_writing(path), rasterio.open(path, "w", **profile) as dst:
         dst.write(class_map, 1)
         dst.write_colormap(1, {i: (*c, 255) for i, c in enumerate(colours)})
         dst.set_band_description(1, "class index (255: nodata)")
@@ -100,7 +133,7 @@ def write_probabilities(out: Path, scene: Scene, result: MapResult) -> Path:
     if scene.georeferenced:
         profile.update(crs=scene.crs, transform=cell_transform(scene, result.grid.stride))
     path = out / "probabilities.tif"
-    with rasterio.open(path, "w", **profile) as dst:
+    with _gdal_writing(path), rasterio.open(path, "w", **profile) as dst:
         dst.write(probs)
         for i, name in enumerate(result.classes, start=1):
             dst.set_band_description(i, name)
@@ -214,9 +247,7 @@ def write_cells(out: Path, scene: Scene, result: MapResult, fmt: str) -> Path:
     if scene.georeferenced:
         # Coordinates are in the scene's CRS, not WGS84: say which (the pre-2016 member).
         collection["crs"] = {"type": "name", "properties": {"name": scene.crs.to_string()}}
-    path = out / "tiles.geojson"
-    path.write_text(json.dumps(collection) + "\n")
-    return path
+    return write_json(out / "tiles.geojson", collection, indent=None)
 
 
 def summarize(scene: Scene, result: MapResult) -> dict[str, Any]:

@@ -14,7 +14,18 @@ import numpy as np
 import torch
 
 from rsscene.data.bands import Preprocess
-from rsscene.data.images import ImageError, Raster, finite_bands, read_image, resize_bands
+from rsscene.data.images import (
+    BAND_DTYPES,
+    TIFF_MAGIC,
+    ImageError,
+    Raster,
+    RasterInfo,
+    check_raster,
+    finite_bands,
+    raster_header,
+    read_image,
+    resize_bands,
+)
 
 MAX_DECODED_PIXELS = int(os.environ.get("RSSCENE_MAP_MAX_PIXELS", 250_000_000))
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".img", ".jp2")
@@ -50,7 +61,7 @@ class Scene:
             pixels = self._raster.read(window=window)
             valid = self._raster.dataset_mask(window=window) > 0
         except Exception as e:  # rasterio reports damage as RasterioIOError, CPLE_*Error...
-            raise ImageError(str(self.path), f"corrupt or truncated raster ({e})") from None
+            raise ImageError(str(self.path), f"corrupt or truncated raster ({_gdal(e)})") from None
         return pixels, valid
 
     def preview(self, max_side: int) -> np.ndarray:
@@ -60,11 +71,21 @@ class Scene:
             step = max(1, int(np.ceil(scale)))
             return self._pixels[:, ::step, ::step]
         h, w = max(1, round(self.height / max(scale, 1))), max(1, round(self.width / max(scale, 1)))
-        return self._raster.read(out_shape=(self.count, h, w))
+        try:
+            return self._raster.read(out_shape=(self.count, h, w))
+        except Exception as e:  # a strip no window read may be the damaged one
+            raise ImageError(str(self.path), f"corrupt or truncated raster ({_gdal(e)})") from None
 
     def close(self) -> None:
         if self._raster is not None:
             self._raster.close()
+
+
+def _gdal(error: BaseException) -> str:
+    """GDAL's own words for a failure: rasterio's "Read failed. See previous exception" wraps
+    them, and a one-line error has no previous exception to see."""
+    cause = error.__cause__ or error.__context__
+    return str(cause if cause is not None and str(cause) else error).splitlines()[0][:200]
 
 
 def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
@@ -74,6 +95,12 @@ def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
     path = Path(path)
     if not path.is_file():
         raise ImageError(str(path), "no such file" if not path.exists() else "is a directory")
+    with path.open("rb") as f:
+        tiff = f.read(4) in TIFF_MAGIC
+    if tiff:
+        # The rule predict's reader applies, from the same tags (GDAL shows 1-bit samples as
+        # uint8 and other pages as subdatasets: it would not refuse the same files).
+        check_raster(str(path), raster_header(path))
     if path.suffix.lower() in RASTER_SUFFIXES:
         # GDAL caches decoded blocks up to 5% of the machine's memory by default: a map reads
         # each block once or twice, so a small cache keeps its memory bounded on any scene.
@@ -104,8 +131,16 @@ def _open_raster(path: Path, rasterio: Any) -> Scene:
             # A plain TIFF is fine: it is mapped in pixel coordinates, and the summary says so.
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             src = rasterio.open(path)
-    except rasterio.errors.RasterioIOError as e:
+    except rasterio.errors.RasterioError as e:
         raise ImageError(str(path), f"not a readable raster ({e})") from None
+    if src.driver != "GTiff":  # a TIFF was checked from its tags; other formats from GDAL's
+        dtypes = sorted(set(src.dtypes), key=lambda d: d in BAND_DTYPES)
+        info = RasterInfo(dtypes[0], src.count, pages=max(1, len(src.subdatasets)))
+        try:
+            check_raster(str(path), info)
+        except ImageError:
+            src.close()
+            raise
     georeferenced = src.crs is not None and not src.transform.is_identity
     return Scene(
         path,
@@ -126,12 +161,15 @@ def check_bands(scene: Scene, pre: Preprocess) -> None:
     label = str(scene.path)
     if pre.pick is not None:
         pre.pick.take(Raster(np.zeros((scene.count, 1, 1), dtype=scene.dtype)), label)
-    elif scene.count - scene.alpha > 3:
+        return
+    if scene.count - scene.alpha > 3:
         raise ImageError(
             label,
             f"has {scene.count - scene.alpha} bands, but the model reads 8-bit RGB (3 bands);"
             " a model trained with --bands maps multi-band scenes",
         )
+    # The rest of what an RGB model reads, by the rule its file reader applies.
+    check_raster(label, RasterInfo(scene.dtype, scene.count, scene.alpha), rgb=True)
 
 
 def window_image(pixels: np.ndarray, pre: Preprocess, label: str) -> torch.Tensor:

@@ -8,6 +8,8 @@ nodata. Reading the next batch of windows overlaps with the model's work on this
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,11 +23,15 @@ from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping.scenes import Scene, window_image
 
+# The smallest window, in source pixels.
+MIN_TILE = 8
 # Cells x classes of the probability sums held in memory (float32: 400 MB).
 MAX_CELL_VALUES = 100_000_000
 # A window with more than this share of nodata pixels is not predicted.
 MAX_NODATA_SHARE = 0.5
 NODATA_CLASS = 255
+# Without a terminal (a log, a batch job), a progress line at most this often (seconds).
+PROGRESS_EVERY = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,9 @@ class Grid:
 def make_grid(scene: Scene, tile: int, stride: int | None = None) -> Grid:
     """The windows over ``scene``, or a one-line error for a tile or stride that cannot work."""
     stride = stride or tile
-    if tile < 8 or stride < 1:
+    if tile < MIN_TILE or stride < 1:
         raise UserError(
-            f"--tile must be at least 8 px and --stride at least 1, got {tile}, {stride}"
+            f"--tile must be at least {MIN_TILE} px and --stride at least 1, got {tile}, {stride}"
         )
     if tile % stride:
         raise UserError(f"--stride {stride} must divide --tile {tile}, so that cells align")
@@ -118,6 +124,58 @@ def _read_batch(
     return images, kept, len(cells) - len(kept)
 
 
+class Progress:
+    """Windows done: a tqdm bar on a terminal; elsewhere (a log file, a batch job) one line on
+    stderr at most every ``every`` seconds, so a long map is not silent until it ends."""
+
+    def __init__(self, total: int, enabled: bool, every: float = PROGRESS_EVERY) -> None:
+        terminal = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="tile", desc="map") if terminal else None
+        self.lines = enabled and not terminal
+        self.total, self.every, self.done = total, every, 0
+        self.started = self.shown = time.monotonic()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        now = time.monotonic()
+        if self.lines and now - self.shown >= self.every and self.done < self.total:
+            self.shown = now
+            rate = self.done / max(now - self.started, 1e-9)
+            left = (self.total - self.done) / max(rate, 1e-9)
+            print(
+                f"map: {self.done:,}/{self.total:,} windows ({self.done / self.total:.0%}),"
+                f" {rate:.1f} windows/s, about {left:.0f} s left",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _add_batch(
+    result: MapResult, kept: list[tuple[int, int]], probs: np.ndarray, scene: Scene, amp: str
+) -> None:
+    """Sum a batch's probabilities into its cells; non-finite ones (a diverged model, fp16
+    overflow) are refused rather than written as NaN or as a class they do not support."""
+    bad = ~np.isfinite(probs).all(1)
+    if bad.any():
+        i, j = kept[int(bad.argmax())]
+        s = result.grid.stride
+        raise UserError(
+            f"{scene.path}: the model gave non-finite probabilities for the window at pixel"
+            f" ({j * s}, {i * s}) in {amp}"
+            + ("; --amp off predicts in float32" if amp != "float32" else "")
+        )
+    span = result.grid.span
+    for (i, j), p in zip(kept, probs, strict=True):
+        result.prob_sum[i : i + span, j : j + span] += p
+        result.hits[i : i + span, j : j + span] += 1
+
+
 def predict_scene(
     predictor: Predictor,
     scene: Scene,
@@ -126,9 +184,11 @@ def predict_scene(
     tta: bool = False,
     progress: bool = False,
     amp: torch.dtype | None = None,
+    progress_every: float = PROGRESS_EVERY,
 ) -> MapResult:
     """Predict every window in batches, reading the next batch while the model runs; in
-    ``amp`` precision when given (float32 otherwise, as ``predict``)."""
+    ``amp`` precision when given (float32 otherwise, as ``predict``). ``progress``: a bar on a
+    terminal, else a line every ``progress_every`` seconds."""
     k = len(predictor.classes)
     if k >= NODATA_CLASS:
         raise UserError(f"a map holds at most {NODATA_CLASS - 1} classes; the model has {k}")
@@ -147,21 +207,21 @@ def predict_scene(
         predictor.model.to(memory_format=torch.channels_last)  # once, not per batch
     order = list(grid.windows())
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    bar = tqdm(total=len(order), unit="tile", disable=not progress, desc="map")
+    bar = Progress(len(order), progress, progress_every)
+    precision = str(amp or torch.float32).removeprefix("torch.")
     with ThreadPoolExecutor(1) as reader:
         pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.pre)
-        for n in range(len(batches)):
-            images, kept, skipped = pending.result()
-            if n + 1 < len(batches):
-                pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
-            if len(kept):
-                probs = predictor.probabilities(images, tta=tta, amp=amp).numpy()
-                span = grid.span
-                for (i, j), p in zip(kept, probs, strict=True):
-                    result.prob_sum[i : i + span, j : j + span] += p
-                    result.hits[i : i + span, j : j + span] += 1
-            result.windows += len(kept)
-            result.skipped += skipped
-            bar.update(len(kept) + skipped)
-    bar.close()
+        try:
+            for n in range(len(batches)):
+                images, kept, skipped = pending.result()
+                if n + 1 < len(batches):
+                    pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
+                if len(kept):
+                    probs = predictor.probabilities(images, tta=tta, amp=amp).numpy()
+                    _add_batch(result, kept, probs, scene, precision)
+                result.windows += len(kept)
+                result.skipped += skipped
+                bar.update(len(kept) + skipped)
+        finally:
+            bar.close()
     return result
