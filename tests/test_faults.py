@@ -356,6 +356,8 @@ def test_train_refuses_an_earlier_run_unless_resumed_or_forced(
     assert cli(["train", split, *TINY, "--out", run, "--force"], capsys)[0] == 0
     assert not (run / "tensorboard").exists()  # nothing of the old run beside the new one
     assert checkpoint.load(run / "last.pt").next_epoch == 1
+    code, err = cli(["train", "--resume", run, "--bands", "all"], capsys)
+    assert code == 2 and "trained without --bands (8-bit RGB), this run asks for all" in err
 
 
 @pytest.mark.parametrize(

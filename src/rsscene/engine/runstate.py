@@ -198,7 +198,7 @@ def check_resume(
         if name in ckpt.config and saved != asked:
             flag = name.replace("_", "-")
             problems.append(
-                f"it was trained {_setting(flag, saved)}, this run asks {_setting(flag, asked)}"
+                f"it was trained {_setting(flag, saved)}, this run asks for {_asked(flag, asked)}"
             )
     if ckpt.class_names != classes:
         problems.append(f"its classes {ckpt.class_names} differ from {classes}")
@@ -258,6 +258,15 @@ def load_optimizer(
     )
     notes.append(f"resume: applying {shown} from step {scheduler.last_epoch}")
     return notes
+
+
+def _asked(flag: str, value: Any) -> str:
+    """A setting's value as a resume asks for it: ``4,3,2``, ``none (8-bit RGB)``."""
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    if value is None:
+        return "none" + (" (8-bit RGB)" if flag == "bands" else "")
+    return str(value)
 
 
 def _setting(flag: str, value: Any) -> str:
