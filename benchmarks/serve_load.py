@@ -14,9 +14,15 @@ that make it decode as much as it allows), and bodies sent halfway, then left to
 watches the server meanwhile: ``/health`` every 0.2 s (every answer must be a 200) and its
 resident memory from /proc (Linux), whose peak must stay under ``--max-rss-mib``.
 
+``--map-load`` adds a third case: ``/predict`` latency while ``--maps`` large scenes
+(``--map-size`` px a side) are mapped through ``POST /map`` at once, against ``/predict`` alone
+just before, as a table of p50/p99 and their ratios. Every map must be answered 200 and every
+prediction 200.
+
     python benchmarks/serve_load.py                       # random-init ResNet-18, 128 px
     python benchmarks/serve_load.py --ckpt runs/x/best.pt --requests 2000 --concurrency 32
     python benchmarks/serve_load.py --hostile
+    python benchmarks/serve_load.py --map-load            # 4 maps of 2048 px scenes
 """
 
 from __future__ import annotations
@@ -73,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=3072,
         help="with --hostile: the bound on the server's peak resident memory (default: 0.8 GiB"
         " at rest, and 2 decoding threads at about 20 bytes a pixel of 40 MP each, and room)",
+    )
+    p.add_argument("--map-load", action="store_true", help="add /predict during /map requests")
+    p.add_argument("--maps", type=int, default=4, help="with --map-load: /map requests at once")
+    p.add_argument(
+        "--map-size", type=int, default=2048, help="with --map-load: the scenes' side, px"
     )
     return p.parse_args(argv)
 
@@ -179,6 +190,22 @@ def jobs(
     return out
 
 
+def scene_jpeg(pngs: list[bytes], side: int) -> bytes:
+    """A ``side`` x ``side`` scene tiled with the benchmark's images, as JPEG (a few MB at
+    most, within the server's default body limit)."""
+    from PIL import Image
+
+    tiles = [Image.open(io.BytesIO(data)).convert("RGB") for data in pngs]
+    step = tiles[0].size[0]
+    scene = Image.new("RGB", (side, side))
+    for i, y in enumerate(range(0, side, step)):
+        for j, x in enumerate(range(0, side, step)):
+            scene.paste(tiles[(i * 7 + j) % len(tiles)], (x, y))
+    buf = io.BytesIO()
+    scene.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
 async def stall_halfway(url: str, body: bytes, headers: dict[str, str]) -> int | None:
     """Send the headers and half of ``body``, then nothing more; the status the server answers
     (None if it never does)."""
@@ -251,6 +278,92 @@ def report(name: str, results: list[tuple[str, int | None, float]], wall: float)
     return not (good_failed or bad_unexpected or server_errors or no_answer)
 
 
+async def predict_latencies(
+    url: str, pngs: list[bytes], concurrency: int, count: int, until: asyncio.Event | None = None
+) -> list[tuple[int | None, float]]:
+    """(status, seconds) of single-image ``/predict`` requests from ``concurrency`` clients:
+    ``count`` of them, or with ``until`` as many as each client sends before it is set."""
+    results: list[tuple[int | None, float]] = []
+    sent = 0
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def client_loop() -> None:
+            nonlocal sent
+            while until is not None or sent < count:
+                i, sent = sent, sent + 1
+                files = {"file": (f"scene{i}.png", pngs[i % len(pngs)])}
+                start = time.perf_counter()
+                try:
+                    status: int | None = (await client.post("/predict", files=files)).status_code
+                except httpx.HTTPError:
+                    status = None
+                results.append((status, time.perf_counter() - start))
+                if until is not None and until.is_set():
+                    return
+
+        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
+    return results
+
+
+async def send_maps(
+    url: str, scene: bytes, n: int, timeout: float, done: asyncio.Event
+) -> list[tuple[int | None, float, int]]:
+    """``n`` ``POST /map`` of ``scene`` at once; (status, seconds to its answer, windows) each,
+    in the order they finished. Sets ``done`` when the last one is answered."""
+    finished: list[tuple[int | None, float, int]] = []
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+
+        async def one(i: int) -> None:
+            try:
+                r = await client.post("/map", files={"file": (f"scene{i}.jpg", scene)})
+                windows = r.json()["summary"]["windows"] if r.status_code == 200 else 0
+                finished.append((r.status_code, time.perf_counter() - started, windows))
+            except httpx.HTTPError:
+                finished.append((None, time.perf_counter() - started, 0))
+
+        try:
+            await asyncio.gather(*(one(i) for i in range(n)))
+        finally:
+            done.set()
+    return finished
+
+
+async def map_load(args: argparse.Namespace, url: str, pngs: list[bytes]) -> bool:
+    """``/predict`` alone, then during ``--maps`` maps at once: a table of p50/p99 and their
+    ratios; True when every map and every prediction was answered 200."""
+    scene = scene_jpeg(pngs, args.map_size)
+    alone = await predict_latencies(url, pngs, args.concurrency, args.requests)
+    done = asyncio.Event()
+    maps, during = await asyncio.gather(
+        send_maps(url, scene, args.maps, args.timeout, done),
+        predict_latencies(url, pngs, args.concurrency, 0, done),
+    )
+    rows = {"alone": alone, f"during {args.maps} /map": during}
+    base = np.percentile([s for _, s in alone], [50, 99]) * 1000
+    print(
+        f"\n/predict while {args.maps} scenes of {args.map_size} px ({len(scene):,} bytes"
+        f" JPEG) are mapped; {args.concurrency} clients"
+    )
+    print("| /predict | requests | p50 | p99 | p50 ratio | p99 ratio |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, results in rows.items():
+        p50, p99 = np.percentile([s for _, s in results], [50, 99]) * 1000
+        print(
+            f"| {name} | {len(results)} | {p50:,.0f} ms | {p99:,.0f} ms |"
+            f" {p50 / base[0]:.2f} | {p99 / base[1]:.2f} |"
+        )
+    print(
+        f"/map: statuses {', '.join(str(s) for s, _, _ in maps)}; {max(w for _, _, w in maps):,} windows each;"
+        f" answered at {', '.join(f'{t:.1f}' for _, t, _ in maps)} s"
+    )
+    statuses = [s for s, _, _ in maps] + [s for _, results in rows.items() for s, _ in results]
+    ok = all(s == 200 for s in statuses)
+    print(f"map load: 5xx: {sum(bool(s and s >= 500) for s in statuses)}; all answered 200: {ok}")
+    return ok
+
+
 def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """The server's resident memory (VmRSS) or its peak so far (VmHWM), from /proc."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -320,6 +433,8 @@ async def benchmark(
         if args.hostile and peak > args.max_rss_mib:
             print(f"FAIL: peak RSS {peak:.0f} MiB is over the bound of {args.max_rss_mib:.0f}")
             ok = False
+        if args.map_load:
+            ok = await map_load(args, url, pngs) and ok
         health = await client.get("/health")
         metrics = (await client.get("/metrics")).json()
     print(

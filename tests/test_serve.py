@@ -340,6 +340,106 @@ def test_cam_endpoint(client):
     assert client.post("/cam", files={"file": ("x.txt", b"text")}).status_code == 422
 
 
+def _band_ckpt(path: Path, bands: int) -> Path:
+    """A random-init ResNet-18 reading ``bands``-band uint16 files."""
+    torch.manual_seed(0)
+    weights = create_model("resnet18", num_classes=len(CLASSES), in_channels=bands).state_dict()
+    pre = Preprocess(
+        SIZE, [0.3] * bands, [0.2] * bands, list(range(1, bands + 1)), bands, dtype="uint16"
+    )
+    return checkpoint.save(Checkpoint(weights, "resnet18", list(CLASSES), preprocess=pre), path)
+
+
+def _uint16_tiff(bands: int) -> bytes:
+    import numpy as np
+    import tifffile
+
+    pixels = np.random.default_rng(bands).integers(0, 60_000, (bands, SIZE, SIZE), np.uint16)
+    buf = io.BytesIO()
+    if bands == 1:
+        tifffile.imwrite(buf, pixels[0], photometric="minisblack")
+    else:
+        tifffile.imwrite(buf, pixels, photometric="minisblack", planarconfig="separate")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("bands", [1, 2])
+def test_cam_draws_one_and_two_band_models_in_grey(bands, tmp_path, capsys):
+    ckpt = _band_ckpt(tmp_path / "model.pt", bands)
+    data = _uint16_tiff(bands)
+    with TestClient(create_app(ckpt, batch_wait_ms=1)) as client:
+        r = client.post("/cam", files={"file": ("grey.tif", data)})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        r = client.post("/cam?format=json", files={"file": ("grey.tif", data)})
+        assert r.status_code == 200, r.text
+        shown = Image.open(io.BytesIO(base64.b64decode(r.json()["image"]))).convert("RGB")
+        red, green, blue = shown.split()
+        assert red.tobytes() == green.tobytes() == blue.tobytes()  # the first band, in grey
+        assert len(set(red.tobytes())) > 100  # stretched, not flat
+        r = client.post("/cam?show=1,2,3", files={"file": ("grey.tif", data)})
+        assert r.status_code == 422 and f"({','.join(map(str, range(1, bands + 1)))})" in r.text
+    # The command draws it in grey as well, without --show-bands.
+    (tmp_path / "grey.tif").write_bytes(data)
+    assert main(["cam", str(ckpt), str(tmp_path / "grey.tif"), "--out", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "grey_cam.png").is_file()
+
+
+def test_cam_show_names_the_rgb_models_bands(client, ckpt, tmp_path, capsys):
+    r = client.post("/cam?show=4,3,2", files={"file": ("a.png", _png(0))})
+    assert r.status_code == 422 and "(1,2,3; it reads 8-bit RGB)" in r.json()["error"]
+    plain = client.post("/cam?format=json", files={"file": ("a.png", _png(0))}).json()
+    same = client.post("/cam?format=json&show=1,2,3", files={"file": ("a.png", _png(0))}).json()
+    assert same["image"] == plain["image"]
+    swapped = client.post("/cam?format=json&show=3,2,1", files={"file": ("a.png", _png(0))})
+    assert swapped.status_code == 200 and swapped.json()["image"] != plain["image"]
+    (tmp_path / "a.png").write_bytes(_png(0))
+    argv = ["cam", str(ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path / "c")]
+    assert main([*argv, "--show-bands", "4,3,2"]) == 2
+    assert "give three of the model's bands (1,2,3" in capsys.readouterr().err
+
+
+def test_map_has_a_bounded_queue_of_its_own(ckpt, tmp_path):
+    """A map in progress holds up no /predict; two at once fill the queue (503, Retry-After);
+    a scene over the window budget is refused from its header, before it queues."""
+    generate_mosaic(tmp_path, 2, 3, size=SIZE, seed=0)
+    scene = (tmp_path / "mosaic.png").read_bytes()
+    app = create_app(ckpt, batch_wait_ms=1, map_queue=2, map_windows=10)
+    mapper = app.state.serve.mapper
+    gate, mapping = threading.Event(), threading.Event()
+    real = mapper._map
+
+    def held(*args):
+        mapping.set()
+        assert gate.wait(60)
+        return real(*args)
+
+    mapper._map = held
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        post = lambda query="": client.post(f"/map{query}", files={"file": ("m.png", scene)})  # noqa: E731
+        maps = [pool.submit(post) for _ in range(2)]
+        assert mapping.wait(60)
+        deadline = time.monotonic() + 30
+        while mapper.admitted < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        r = client.post("/predict", files={"file": ("a.png", _png(0))})
+        assert r.status_code == 200 and time.monotonic() - started < 20
+        full = post()
+        assert full.status_code == 503 and int(full.headers["retry-after"]) >= 1
+        assert "the most this server queues" in full.json()["error"]
+        # 24 windows of 32 px against a budget of 10: refused even while the queue is full.
+        over = post("?tile=32")
+        assert over.status_code == 422, over.text
+        assert "m.png: 24 windows of 32 px" in over.json()["error"]
+        assert "the limit is 10 windows a request" in over.json()["error"]
+        assert not any(m.done() for m in maps)  # all of this while both maps were held
+        gate.set()
+        answers = [m.result(60) for m in maps]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()["summary"]["grid"] == [2, 3]
+        assert mapper.admitted == 0 and post().status_code == 200
+
+
 def test_serve_without_its_dependencies(ckpt, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
     assert main(["serve", str(ckpt)]) == 2
@@ -551,6 +651,16 @@ def _serve_load(*argv: str, timeout: int) -> str:
 
 def test_load_benchmark_smoke():
     _serve_load("--requests", "20", "--concurrency", "4", "--img-size", "64", timeout=180)
+
+
+def test_map_load_benchmark_smoke():
+    out = _serve_load(
+        *("--map-load", "--requests", "20", "--concurrency", "2", "--img-size", "64"),
+        *("--map-size", "512"),
+        timeout=300,
+    )
+    assert "| during 4 /map |" in out and "/map: statuses 200, 200, 200, 200" in out
+    assert "map load: 5xx: 0; all answered 200: True" in out
 
 
 def test_hostile_load_benchmark_smoke():

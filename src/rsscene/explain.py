@@ -4,7 +4,7 @@ A forward hook keeps one layer's feature map; the gradient of the class score wi
 to it, averaged over space, weighs its channels; the weighted sum, through a ReLU and
 upsampled to the input, is the map. :func:`overlay_png` and :func:`figure_png` draw it over
 the image as the model saw it: RGB as it is, other bands as a chosen triple with a
-percentile stretch (:func:`rsscene.data.bands.render_rgb`).
+percentile stretch, a model of one or two bands in grey (:func:`rsscene.data.bands.render_rgb`).
 """
 
 from __future__ import annotations

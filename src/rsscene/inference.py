@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rsscene.data.bands import refuse_nan
 from rsscene.data.images import ImageError, is_image_file
 from rsscene.data.transforms import tta_logits
 from rsscene.device import autocast
+from rsscene.errors import UserError
 from rsscene.models import load_model
 
 PREDICTION_FILES = (".csv", ".json")  # what write_predictions writes, by suffix
@@ -75,7 +77,8 @@ def write_predictions(
             "predictions": [r.as_dict() for r in results],
             "skipped": [{"file": f, "reason": r} for f, r in skipped],
         }
-        out.write_text(json.dumps(document, indent=2) + "\n")
+        # allow_nan=False: a NaN would be written as a bare NaN, which is not JSON.
+        out.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
         return
     with out.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -118,11 +121,23 @@ class Predictor:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.device, amp):
             logits = tta_logits(self.model, x) if tta else self.model(x)
-        return logits.float().softmax(1).cpu()
+        probs = logits.float().softmax(1).cpu()
+        if not bool(probs.isfinite().all()):
+            # The input is finite (Preprocess.input): only the weights or a narrow dtype can
+            # overflow. Say so rather than print NaN as a probability.
+            precision = str(amp or torch.float32).removeprefix("torch.")
+            raise UserError(
+                "the model gave NaN probabilities for a finite input: its weights hold NaN or"
+                f" Inf, or its precision ({precision}) overflowed"
+            )
+        return probs
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:
-        """One image as the model reads it: its bands at the model size, or an ImageError."""
-        return self.pre.load(source, name=name)
+        """One image as the model reads it: its bands at the model size, or an ImageError
+        (NaN included, so that one file is refused, not the batch it would join)."""
+        image = self.pre.load(source, name=name)
+        refuse_nan(image[None], [name or ("<bytes>" if isinstance(source, bytes) else str(source))])
+        return image
 
     def top(self, probs: Tensor, k: int) -> list[list[tuple[str, float]]]:
         values, idx = probs.topk(min(k, len(self.classes)), dim=1)

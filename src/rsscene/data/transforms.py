@@ -22,6 +22,11 @@ from torch import Tensor
 # aerial RGB from scratch.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# The model's input is clipped to +-this many standard deviations (scaled units when not
+# standardised): far beyond any real pixel, and far below what overflows float32 (or bf16)
+# through a ResNet. A finite float32 pixel at 3e38 would otherwise become inf when divided by a
+# standard deviation under 1, and inf - inf inside the network is NaN.
+INPUT_LIMIT = 1e6
 
 # The dihedral group of the square as 2x2 matrices acting on (x, y): 4 rotations, then
 # the same after a horizontal flip. Index k matches :func:`dihedral`.
@@ -56,14 +61,16 @@ def normalize(
     scale: float = 255.0,
 ) -> Tensor:
     """Pixels (uint8, or any dtype in its own units) → float divided by ``scale`` (0..1 for
-    8-bit), then standardised per band by ``mean``/``std`` if enabled."""
+    8-bit), then standardised per band by ``mean``/``std`` if enabled, then clipped to
+    ±:data:`INPUT_LIMIT`: finite pixels give a finite input (NaN stays NaN)."""
     x = x.float().div_(scale)
-    if not enabled or mean is None:
-        return x
-    c = x.shape[1]
-    mean = to_device(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), x.device)
-    std = to_device(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), x.device)
-    return x.sub_(mean).div_(std)
+    if enabled and mean is not None:
+        c = x.shape[1]
+        mean = to_device(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), x.device)
+        std = to_device(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), x.device)
+        x = x.sub_(mean).div_(std)
+    # After the division: an overflow to +-inf there is clipped too.
+    return x.clamp_(-INPUT_LIMIT, INPUT_LIMIT)
 
 
 def dihedral(x: Tensor, k: int) -> Tensor:

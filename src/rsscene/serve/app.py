@@ -9,7 +9,7 @@
                    multi-band model's bands drawn as red, green, blue)
 ``POST /map``      one scene, the same ways, mapped tile by tile (``rsscene map``): the summary
                    and the overlay PNG as base64 in JSON (``?format=png``: the PNG alone;
-                   ``?tile=PX&stride=PX`` as the command's)
+                   ``?tile=PX&stride=PX`` as the command's), in a queue of its own
 ``GET /classes``, ``GET /health``, ``GET /metrics``, and ``GET /``: the one-page web UI.
 
 The routes are module-level functions that get one :class:`ServeState` (the predictor, the
@@ -22,6 +22,11 @@ images) and makes one model call. Every model call, prediction or Grad-CAM, runs
 dedicated thread, so the event loop never waits on the model and the model never runs twice
 at once (Grad-CAM's hook would otherwise see another request's forward pass).
 
+Maps take seconds to minutes, so they have a :class:`MapWorker` of their own: one thread with
+its own copy of the model, at most ``map_queue`` requests admitted (the one mapping and those
+waiting; more get 503 with Retry-After), each within ``map_windows`` windows (checked from the
+scene's header before it queues). A map therefore never holds up ``/predict`` or ``/cam``.
+
 Images are decoded in a pool of ``decode_workers`` threads, and a request whose images would
 decode to more than ``max_pixels`` pixels in all is refused from their headers, before any is
 decoded: together these bound the memory that decoding can take, whatever is sent.
@@ -31,7 +36,8 @@ or too deeply nested JSON, malformed base64, or a Host header the server was not
 for (DNS rebinding); 408 for a body not received within ``body_timeout`` seconds; 413 for a
 body over ``max_bytes``, more than ``max_files`` images or more than ``max_pixels`` pixels;
 415 for another content type; 422 for what is not a usable image (not an image, corrupt,
-too small, a decompression bomb), naming the file and the reason.
+too small, a decompression bomb), naming the file and the reason, for a ``?show`` the model
+cannot draw, and for a scene over the window budget; 503 while the map queue is full.
 """
 
 from __future__ import annotations
@@ -39,9 +45,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import copy
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from collections import Counter, deque
@@ -67,6 +75,8 @@ from rsscene.errors import UserError
 from rsscene.explain import class_index, explain, image_png, overlay_png
 from rsscene.inference import Prediction, Predictor
 from rsscene.mapping import map_scene
+from rsscene.mapping.scenes import Scene
+from rsscene.mapping.tiling import make_grid
 
 DEFAULT_MAX_BYTES = 10_000_000
 DEFAULT_MAX_FILES = 16
@@ -78,23 +88,28 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_DECODE_WORKERS = 2
 DEFAULT_BODY_TIMEOUT = 60.0
-# /map runs on the model's one thread: bound how long one request may hold it (seconds on a CPU).
-MAX_MAP_WINDOWS = 4096
+# /map's budget a request, in windows: bounds how long one map holds the map thread (about a
+# minute of a CPU for a ResNet-18 at 224 px), and so how long the ones queued behind it wait.
+DEFAULT_MAP_WINDOWS = 4096
+# Map requests admitted at once, the one being mapped included: each waiting one holds its body
+# (up to max_bytes); more are answered 503 with Retry-After.
+DEFAULT_MAP_QUEUE = 4
 PAGE = Path(__file__).with_name("static") / "index.html"
 log = logging.getLogger("rsscene.serve")
 
 
 class ApiError(Exception):
-    """A bad request, answered with ``status`` and ``{"error": message}``."""
+    """A bad request, answered with ``status``, ``{"error": message}`` and ``headers``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -229,7 +244,8 @@ class MetricsMiddleware:
 
 
 class ModelWorker:
-    """The one thread that runs the model, and the micro-batcher that feeds it."""
+    """The one thread that runs the model for ``/predict`` and ``/cam``, and the micro-batcher
+    that feeds it (``/map`` has a :class:`MapWorker` of its own)."""
 
     def __init__(
         self, predictor: Predictor, max_batch: int, wait_s: float, metrics: Metrics
@@ -348,7 +364,13 @@ def _answer_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError) -> JSONResponse:
-        return _error(e.status, e.message)
+        return _error(e.status, e.message, e.headers)
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError) -> JSONResponse:
+        # Raised by the work itself (an image the model cannot take, a map's settings): what
+        # was sent is the cause, never a bug. ImageError names the file.
+        return _error(422, str(e))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
@@ -378,6 +400,7 @@ def _map_upload(
     tile: int | None,
     stride: int | None,
     max_pixels: int,
+    max_windows: int = DEFAULT_MAP_WINDOWS,
 ) -> tuple[dict[str, Any], bytes]:
     """``rsscene map`` on an uploaded scene: its summary (without local paths) and overlay PNG."""
     with tempfile.TemporaryDirectory(prefix="rsscene-map-") as tmp:
@@ -393,7 +416,7 @@ def _map_upload(
                 tile=tile,
                 stride=stride,
                 max_pixels=max_pixels,
-                max_windows=MAX_MAP_WINDOWS,
+                max_windows=max_windows,
             )
         except UserError as e:
             raise ApiError(422, str(e).replace(str(scene), name)) from None
@@ -403,13 +426,99 @@ def _map_upload(
     return {**summary, "scene": name}, png
 
 
+class MapWorker:
+    """``/map``'s own thread, model and bounded queue, so that a scene that takes a minute to
+    map never holds up ``/predict`` or ``/cam``: they keep the model's thread to themselves."""
+
+    def __init__(
+        self, predictor: Predictor, capacity: int, max_windows: int, max_pixels: int
+    ) -> None:
+        # A copy of the model: Grad-CAM's hook on the model's thread must never see a map's
+        # forward pass, and a map may convert its model to channels_last.
+        self.predictor = copy.copy(predictor)
+        self.predictor.model = copy.deepcopy(predictor.model)
+        self.capacity = capacity
+        self.max_windows = max_windows
+        self.max_pixels = max_pixels
+        self.admitted = 0  # mapping or waiting; changed on the event loop only
+        self.seconds: deque[float] = deque(maxlen=8)  # recent maps' durations, for Retry-After
+
+    async def start(self) -> None:
+        # Created here, like the model's thread, so the app can be started more than once.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rsscene-map")
+        self.admitted = 0
+
+    async def stop(self) -> None:
+        # The map in progress ends; those still waiting are cancelled rather than made.
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def check_windows(self, name: str, data: bytes, tile: int | None, stride: int | None) -> None:
+        """A 422 naming the budget, from the scene's header, before the request queues: a
+        scene over ``max_windows`` windows (map_scene checks again once it has the scene)."""
+        try:
+            width, height = image_size(data, max_pixels=self.max_pixels, name=name)
+        except ImageError:
+            return  # map_scene says what is wrong, by its own rules (rasterio reads more)
+        pre = self.predictor.pre
+        try:
+            grid = make_grid(
+                Scene(Path(name), width, height, 0, ""), tile or pre.source_size or pre.size, stride
+            )
+        except UserError as e:
+            raise ApiError(422, str(e)) from None
+        windows = grid.window_rows * grid.window_cols
+        if windows > self.max_windows:
+            raise ApiError(
+                422,
+                f"{name}: {windows:,} windows of {grid.tile} px every {grid.stride} px; the limit"
+                f" is {self.max_windows:,} windows a request (use a larger tile or stride)",
+            )
+
+    def retry_after(self) -> str:
+        """Seconds until a place is likely free: about one map's time."""
+        recent = tuple(self.seconds)  # one step under the GIL: the map thread appends to it
+        return str(max(1, math.ceil(np.median(recent)))) if recent else "10"
+
+    def _map(self, *args: Any) -> tuple[dict[str, Any], bytes]:
+        started = time.monotonic()
+        try:
+            return _map_upload(self.predictor, *args, self.max_pixels, self.max_windows)
+        finally:
+            self.seconds.append(time.monotonic() - started)
+
+    async def map(
+        self, name: str, data: bytes, tile: int | None, stride: int | None
+    ) -> tuple[dict[str, Any], bytes]:
+        """The scene mapped in the map thread, or an :class:`ApiError`: 422 over the window
+        budget, 503 (with Retry-After) when ``capacity`` maps are mapping or waiting."""
+        self.check_windows(name, data, tile, stride)
+        if self.admitted >= self.capacity:
+            raise ApiError(
+                503,
+                f"{self.admitted} maps are being made or waiting, the most this server queues;"
+                " try again later",
+                {"Retry-After": self.retry_after()},
+            )
+        self.admitted += 1
+        loop = asyncio.get_running_loop()
+        job = self.executor.submit(self._map, name, data, tile, stride)
+        # Released when the work ends, even if the client has gone away meanwhile.
+        job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        return await asyncio.wrap_future(job)
+
+    def _release(self) -> None:
+        self.admitted -= 1
+
+
 @dataclasses.dataclass
 class ServeState:
-    """What every route shares: the checkpoint's predictor, the model's worker, the limits,
-    the decoding pool and the metrics. It needs no app, so its logic can be driven alone."""
+    """What every route shares: the checkpoint's predictor, the model's worker, the map's
+    worker, the limits, the decoding pool and the metrics. It needs no app, so its logic can
+    be driven alone."""
 
     predictor: Predictor
     worker: ModelWorker
+    mapper: MapWorker
     metrics: Metrics
     page: str
     max_files: int
@@ -430,24 +539,31 @@ class ServeState:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         decode_workers: int = DEFAULT_DECODE_WORKERS,
+        map_queue: int = DEFAULT_MAP_QUEUE,
+        map_windows: int = DEFAULT_MAP_WINDOWS,
     ) -> ServeState:
         """The state for one checkpoint, loaded now (a bad checkpoint fails here, not per
         request); :meth:`start` it inside the running loop before use."""
         predictor = Predictor(ckpt_path, device=device)
         metrics = Metrics()
         worker = ModelWorker(predictor, max_batch, batch_wait_ms / 1000, metrics)
+        mapper = MapWorker(predictor, map_queue, map_windows, max_pixels)
         page = PAGE.read_text(encoding="utf-8")
-        return cls(predictor, worker, metrics, page, max_files, topk, max_pixels, decode_workers)
+        return cls(
+            predictor, worker, mapper, metrics, page, max_files, topk, max_pixels, decode_workers
+        )
 
     async def start(self) -> None:
-        """Start the decoding pool and the model's thread and batcher."""
+        """Start the decoding pool, the model's thread and batcher, and the map's thread."""
         # Created here, like the model's thread, so the app can be started more than once.
         self.decoders = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="rsscene-decode")
         await self.worker.start()
+        await self.mapper.start()
 
     async def stop(self) -> None:
         """Stop what :meth:`start` started, waiting for the work in progress."""
         await self.worker.stop()
+        await self.mapper.stop()
         self.decoders.shutdown(wait=True)
 
     def load_images(self, items: list[tuple[str, bytes]]) -> list[Tensor]:
@@ -570,9 +686,7 @@ async def map_upload(
     format: Literal["json", "png"] = "json",
 ) -> Response | dict[str, Any]:
     ((name, data),) = await read_images(request, 1)
-    summary, png = await state.worker.call(
-        _map_upload, state.predictor, name, data, tile, stride, state.max_pixels
-    )
+    summary, png = await state.mapper.map(name, data, tile, stride)
     if format == "png":
         return Response(png, media_type="image/png")
     return {"summary": summary, "overlay": base64.b64encode(png).decode()}
@@ -599,11 +713,14 @@ def create_app(
     decode_workers: int = DEFAULT_DECODE_WORKERS,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     allowed_hosts: Sequence[str] | None = None,
+    map_queue: int = DEFAULT_MAP_QUEUE,
+    map_windows: int = DEFAULT_MAP_WINDOWS,
 ) -> FastAPI:
     """The app for one checkpoint, loaded now (a bad checkpoint fails here, not per request).
 
     ``allowed_hosts``: the names a request's Host header may give (None: any, for a server
-    bound to every interface or a test client).
+    bound to every interface or a test client). ``map_queue``: ``/map`` requests admitted at
+    once; ``map_windows``: the windows one may ask for.
     """
     state = ServeState.load(
         ckpt_path,
@@ -614,6 +731,8 @@ def create_app(
         max_batch=max_batch,
         max_pixels=max_pixels,
         decode_workers=decode_workers,
+        map_queue=map_queue,
+        map_windows=map_windows,
     )
     app = FastAPI(title="rsscene", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
