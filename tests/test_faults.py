@@ -423,3 +423,23 @@ def test_the_demo_stopped_by_sigterm_says_so_in_one_line(tmp_path: Path) -> None
 def test_a_number_flag_given_nan_says_it_is_not_a_number(files: dict[str, Path], capsys) -> None:
     code, err = cli(["map", files["ckpt"], files["image"], "--out", "x", "--tile-m", "nan"], capsys)
     assert code == 2 and "--tile-m: expected a number, got nan" in err
+
+
+def test_multiband_training_files_without_bands_say_why_in_the_last_line(
+    tmp_path: Path, capsys
+) -> None:
+    import numpy as np
+    import tifffile
+
+    for part in ("train", "test"):
+        for name in ("a", "b"):
+            (tmp_path / part / name).mkdir(parents=True)
+            for i in range(2):
+                pixels = np.full((13, 32, 32), 100 * i, dtype=np.uint16)
+                tifffile.imwrite(
+                    tmp_path / part / name / f"{i}.tif", pixels, planarconfig="separate"
+                )
+    code, err = cli(["train", tmp_path, *TINY, "--out", tmp_path / "run"], capsys)
+    last = err.splitlines()[-1]
+    assert code == 2 and "no readable training image; 4 left out" in last, err
+    assert "has 13 bands" in last and "--bands" in last and "cannot be shared" not in err

@@ -560,6 +560,13 @@ class TrainData:
             bands=pick,
         )
         train = loader(split.train, store_size, cache)
+        if not len(train):
+            # Every file was left out (the decoder's lines name each): say why in one line.
+            path, reason = train.skipped[0] if train.skipped else (split.train.root, "none read")
+            raise UserError(
+                f"{split.train.root}: no readable training image; {len(train.skipped)} left out,"
+                f" the first {path}: {reason}"
+            )
         # Held-out images are decoded into a store even with --cache none: an unreadable one
         # must be left out and counted, not replaced by another as in training.
         eval_cache = "memory" if cache == "none" else cache
