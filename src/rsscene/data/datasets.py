@@ -501,6 +501,27 @@ def first_raster(images: ImageList) -> tuple[Raster, str]:
     raise UserError(f"{images.root}: no readable image ({problems[0] if problems else 'none'})")
 
 
+def _preprocess(
+    train: BatchLoader,
+    size: int,
+    pick: BandPick | None,
+    names: list[str] | None,
+    normalize: bool,
+) -> Preprocess:
+    """How the model trained on ``train`` is fed: 8-bit RGB with ImageNet mean/std, or the
+    picked bands with their mean/std over the training images; at ``size`` px."""
+    pre = Preprocess(size, source_size=typical_side(train.images))
+    if pick is not None:
+        pre = dataclasses.replace(
+            pre, bands=list(pick.indexes), band_count=pick.count, band_names=names, dtype=pick.dtype
+        )
+        rows = chunks(list(range(len(train))), 256)
+        pre.mean, pre.std = band_stats((b.images for b in train.batches(rows)), pre.scale)
+    if not normalize:
+        pre.mean = pre.std = None
+    return pre
+
+
 @dataclass
 class TrainData:
     """What a trainer reads: training batches, the held-out images evaluated after each epoch
@@ -575,18 +596,5 @@ class TrainData:
             for name, images in (("test", split.test), ("val", split.val))
             if images is not None
         }
-        pre = Preprocess(eval_size, source_size=typical_side(split.train))
-        if pick is not None:
-            pre = dataclasses.replace(
-                pre,
-                bands=list(pick.indexes),
-                band_count=pick.count,
-                band_names=names,
-                dtype=pick.dtype,
-            )
-            rows = chunks(list(range(len(train))), 256)
-            batches = (b.images for b in train.batches(rows))
-            pre.mean, pre.std = band_stats(batches, pre.scale)
-        if not normalize:
-            pre.mean = pre.std = None
+        pre = _preprocess(train, eval_size, pick, names, normalize)
         return cls(train, **held_out, preprocess=pre)
