@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import time
@@ -19,7 +20,8 @@ from rsscene.engine.train import Trainer
 from rsscene.models import create_model
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rsscene"
-README = Path(__file__).resolve().parents[1] / "README.md"
+# The "Training from Python" example lives in the train guide (tests/test_docs.py checks the rest).
+TRAIN_GUIDE = Path(__file__).resolve().parents[1] / "docs" / "train.md"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,14 +94,14 @@ def test_resume_validates_the_settings_it_overrides(split: Path, tmp_path: Path,
 
 
 def test_the_readme_library_example_trains(split: Path, tmp_path: Path, monkeypatch) -> None:
-    text = README.read_text()
-    section = text[text.index("### Training from Python") :]
+    text = TRAIN_GUIDE.read_text()
+    section = text[re.search(r"^#+ Training from Python$", text, re.M).start() :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert '"sat2"' in code
     monkeypatch.chdir(tmp_path)
     os.symlink(split, tmp_path / "sat2")
     namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/train.md", "exec"), namespace)
     report = namespace["report"]
     assert 0 <= report["test_accuracy"] <= 1
     assert (tmp_path / "runs" / "sat2-sgd" / "report.json").is_file()
@@ -291,3 +293,15 @@ def test_the_data_builds_the_preprocess_and_the_trainer_refuses_another(
         Trainer(cfg, model, data, run_dir=tmp_path / "run", log=lambda *_: None)
     cfg.normalize = False
     assert Trainer(cfg, model, data, run_dir=tmp_path / "run").preprocess is pre
+
+
+def test_a_saved_config_reads_back_typed() -> None:
+    from rsscene.config import build, from_saved
+
+    cfg = build({"data": "d", "crop_scale": "0.5,1", "ramp": [0.2, 0.6], "lr": 0.01})
+    saved = json.loads(json.dumps(cfg.to_dict()))  # as a checkpoint or config.json holds it
+    assert isinstance(saved["crop_scale"], list)
+    again = from_saved({**saved, "a_setting_of_a_newer_version": 1})
+    assert again == cfg and again.crop_scale == (0.5, 1.0) and isinstance(again.ramp, tuple)
+    del saved["eval_every"]  # a setting added since that run: its default
+    assert from_saved(saved).eval_every == 1

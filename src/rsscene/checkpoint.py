@@ -68,6 +68,8 @@ class Checkpoint:
     class_names: list[str]
     variant: str = "v1.5"
     preprocess: Preprocess = field(default_factory=Preprocess)
+    # The run's settings as plain data (TrainConfig.to_dict(), so that weights-only loading
+    # reads them); rsscene.config.from_saved types them again for whoever reads them.
     config: dict[str, Any] = field(default_factory=dict)
     data_fingerprint: str | None = None
     next_epoch: int = 0

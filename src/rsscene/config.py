@@ -309,6 +309,18 @@ def from_dict(values: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+def from_saved(values: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint or config.json saved (``TrainConfig.to_dict()``), typed again:
+    pairs become tuples, and settings this version does not know (or that were added since)
+    are dropped (or take their defaults). Not validated: it is a record of what ran."""
+    kinds = setting_types()
+    known = {k: v for k, v in values.items() if k in kinds}
+    for name, value in known.items():
+        if kinds[name] is tuple and isinstance(value, list):
+            known[name] = tuple(value)
+    return TrainConfig(**known)
+
+
 def build(overrides: dict[str, Any], file: str | Path | None = None) -> TrainConfig:
     """Defaults, then the tutorial recipe if asked, then the file, then explicit flags."""
     merged: dict[str, Any] = {}

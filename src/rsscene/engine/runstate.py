@@ -18,7 +18,7 @@ import torch
 
 from rsscene import __version__, checkpoint
 from rsscene.checkpoint import Checkpoint, TrainingState
-from rsscene.config import TrainConfig, field_names, from_dict
+from rsscene.config import TrainConfig, from_dict, from_saved
 from rsscene.data.bands import Preprocess
 from rsscene.data.datasets import ImageList, TrainData
 from rsscene.engine import distributed
@@ -193,9 +193,10 @@ def check_resume(
     if ckpt.arch != cfg.arch or ckpt.variant != cfg.variant:
         problems.append(f"it is a {ckpt.arch} {ckpt.variant}, this run a {cfg.arch} {cfg.variant}")
     # Settings that shape the model's input: another value would not fit the weights.
+    trained = from_saved(ckpt.config)
     for name in ("bands", "normalize"):
-        saved, asked = ckpt.config.get(name), getattr(cfg, name)
-        if name in ckpt.config and saved != asked:
+        saved, asked = getattr(trained, name), getattr(cfg, name)
+        if saved != asked:
             flag = name.replace("_", "-")
             problems.append(
                 f"it was trained {_setting(flag, saved)}, this run asks for {_asked(flag, asked)}"
@@ -228,9 +229,9 @@ def load_optimizer(
     ``--weight-decay``, ``--schedule``, ...), the new settings apply from the saved step on,
     with the saved moments where the optimizer and its parameter groups are the same.
     Returns what a resume with changed settings should say."""
-    st, saved = ckpt.state, ckpt.config
+    st, saved = ckpt.state, from_saved(ckpt.config)
     changed = [
-        k for k in (*OPTIMIZER_SETTINGS, *SCHEDULE_SETTINGS) if saved.get(k) != getattr(cfg, k)
+        k for k in (*OPTIMIZER_SETTINGS, *SCHEDULE_SETTINGS) if getattr(saved, k) != getattr(cfg, k)
     ]
     if not changed:
         optimizer.load_state_dict(st.optimizer)
@@ -238,14 +239,14 @@ def load_optimizer(
         return []
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     base_lrs, notes = list(scheduler.base_lrs), []
-    same_kind = saved.get("optimizer") == cfg.optimizer
+    same_kind = saved.optimizer == cfg.optimizer
     if same_kind and len(st.optimizer["param_groups"]) == len(fresh):
         optimizer.load_state_dict(st.optimizer)
         for group, settings in zip(optimizer.param_groups, fresh, strict=True):
             group.update(settings)  # the saved moments, the new hyperparameters
     else:
         notes.append(
-            f"resume: the optimizer is now {cfg.optimizer} (was {saved.get('optimizer')}) or"
+            f"resume: the optimizer is now {cfg.optimizer} (was {saved.optimizer}) or"
             " its parameter groups changed: its state starts afresh"
         )
     # The new schedule (and base learning rates) at the saved step.
@@ -254,7 +255,7 @@ def load_optimizer(
     scheduler.last_epoch -= 1
     scheduler.step()
     shown = ", ".join(
-        f"--{k.replace('_', '-')} {saved.get(k)} -> {getattr(cfg, k)}" for k in changed
+        f"--{k.replace('_', '-')} {getattr(saved, k)} -> {getattr(cfg, k)}" for k in changed
     )
     notes.append(f"resume: applying {shown} from step {scheduler.last_epoch}")
     return notes
@@ -279,7 +280,7 @@ def _setting(flag: str, value: Any) -> str:
 def schedule_moved(ckpt: Checkpoint, per_process: int, world: int) -> bool:
     """Whether the schedule must be re-positioned because the effective batch changed (only
     allowed at an epoch boundary, since a mid-epoch position counts steps of the old size)."""
-    saved = ckpt.config["batch_size"] * ckpt.world_size
+    saved = from_saved(ckpt.config).batch_size * ckpt.world_size
     if saved == per_process * world:
         return False
     if ckpt.next_step:
@@ -357,15 +358,16 @@ def resume_config(run: str | Path, overrides: dict[str, Any]) -> TrainConfig:
     path = checkpoint.resolve_path(run)
     ckpt = checkpoint.load(path)
     _loaded = (_key(path), ckpt)
-    saved = {k: v for k, v in ckpt.config.items() if k in field_names()}
-    if "batch_size" not in saved:
+    if "batch_size" not in ckpt.config:
         raise UserError(f"cannot resume from {run}: it holds no training configuration")
+    saved = from_saved(ckpt.config)
     # Keep the effective batch (and so the lr and steps it was tuned with) across a change in
     # the number of processes, e.g. from torchrun to one process, when it divides evenly.
-    effective = saved["batch_size"] * ckpt.world_size
+    effective = saved.batch_size * ckpt.world_size
     if effective % distributed.world_size() == 0:
-        saved["batch_size"] = effective // distributed.world_size()
-    return from_dict({**saved, **{k: v for k, v in overrides.items() if v is not None}})
+        saved.batch_size = effective // distributed.world_size()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return from_dict({**saved.to_dict(), **given})
 
 
 class BackgroundWrites:
