@@ -416,3 +416,40 @@ def test_a_resume_cannot_change_the_bands(run13: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert "cannot resume" in err and "--bands all, this run asks for 4,3,2" in err
     assert len(err.splitlines()) == 1
+
+
+def test_bands_are_matched_by_name_when_the_files_carry_names(
+    run13: Path, split13: Path, tmp_path: Path, caplog
+) -> None:
+    from rsscene.data import images
+    from rsscene.inference import Predictor
+
+    predictor = Predictor(run13 / "last.pt")
+    assert predictor.pre.named_bands == tuple(f"B{i + 1:02d}" for i in range(13))
+    original = sorted((split13 / "test" / "lake").glob("*.tif"))[0]
+    raster = read_image(original)
+    order = list(reversed(range(13)))
+    stored = tmp_path / "reversed.tif"  # the same pixels, bands stored in another order
+    stored.write_bytes(geotiff(raster.array[order], names=[raster.names[i] for i in order]))
+    a, b = (predictor.probabilities([predictor.load(p)]) for p in (original, stored))
+    assert torch.equal(a, b)
+    # A scene's windows are read by the same rule (rsscene map).
+    from rsscene.mapping.scenes import window_image
+
+    reversed_names = [raster.names[i] for i in order]
+    w1 = window_image(raster.array, predictor.pre, "scene", raster.names)
+    w2 = window_image(raster.array[order], predictor.pre, "scene", reversed_names)
+    assert torch.equal(w1, w2)
+    renamed = tmp_path / "renamed.tif"
+    renamed.write_bytes(geotiff(raster.array, names=[f"X{i}" for i in range(13)]))
+    with pytest.raises(ImageError, match=r"renamed.tif: has no band named 'B01' \(its bands: X0"):
+        predictor.load(renamed)
+    # A file without names falls back to the bands' positions, and says so once.
+    unnamed = tmp_path / "unnamed.tif"
+    unnamed.write_bytes(geotiff(raster.array))
+    images._SAID_BY_POSITION.clear()  # said once per process: earlier tests may have said it
+    with caplog.at_level("WARNING", logger="rsscene"):
+        c = predictor.probabilities([predictor.load(unnamed), predictor.load(unnamed)])
+    assert torch.equal(c[0], a[0])
+    said = [r.getMessage() for r in caplog.records if "carries no band names" in r.getMessage()]
+    assert len(said) == 1 and "read by position as B01,B02" in said[0]

@@ -95,7 +95,9 @@ def resolve_bands(spec: str, raster: Raster, label: str) -> tuple[BandPick, list
                 f" {', '.join(raster.names)}"
             )
         indexes = [lower.index(p.lower()) + 1 for p in parts]
-    return BandPick(tuple(indexes), count, dtype), [names[i - 1] for i in indexes]
+    chosen = [names[i - 1] for i in indexes]
+    named = tuple(chosen) if raster.names else None
+    return BandPick(tuple(indexes), count, dtype, named), chosen
 
 
 def band_stats(batches: Iterable[Tensor], scale: float) -> tuple[list[float], list[float]]:
@@ -166,7 +168,16 @@ class Preprocess:
         """What :func:`~rsscene.data.images.load_tensor` reads (None: 8-bit RGB)."""
         if self.bands is None:
             return None
-        return BandPick(tuple(self.bands), int(self.band_count or max(self.bands)), self.dtype)
+        count = int(self.band_count or max(self.bands))
+        return BandPick(tuple(self.bands), count, self.dtype, self.named_bands)
+
+    @property
+    def named_bands(self) -> tuple[str, ...] | None:
+        """The bands' names when the training files carried them (files are then read by
+        name); None where they were only numbered (``band 4``)."""
+        if not self.band_names or self.band_names == [f"band {i}" for i in self.bands or []]:
+            return None
+        return tuple(self.band_names)
 
     def load(self, source: str | Path | bytes, name: str | None = None) -> Tensor:
         """One file's bands at the model size, ``C x size x size`` in the data's dtype."""

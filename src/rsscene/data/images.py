@@ -15,12 +15,13 @@ type, bands, pages) is decided by :func:`check_raster` alone, for files and for 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ from rsscene.errors import UserError
 
 if TYPE_CHECKING:
     import tifffile
+
+log = logging.getLogger("rsscene")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp", ".gif")
 # 100 megapixels: far above any scene tile, far below what would exhaust memory when decoded.
@@ -405,11 +408,15 @@ def _tiff_errors(label: str) -> Iterator[None]:
 @dataclass(frozen=True)
 class BandPick:
     """Which bands of each file a model reads: 1-based ``indexes`` in the model's order, from
-    files that must have ``count`` bands of ``dtype``."""
+    files that must have ``count`` bands of ``dtype``. With ``names`` (the chosen bands' names,
+    when the training files carry them) a file that names its bands is read by name, in
+    whatever order it stores them; a file without names by position."""
 
     indexes: tuple[int, ...]
     count: int
     dtype: str = "uint8"
+    # How files are matched to the bands, not which bands: left out of equality.
+    names: tuple[str, ...] | None = field(default=None, compare=False)
 
     def take(self, raster: Raster, label: str) -> np.ndarray:
         """The chosen bands of ``raster`` (read from ``label``), or an :class:`ImageError`
@@ -428,7 +435,32 @@ class BandPick:
                 f"holds {raster.array.dtype.name} values, but the model was trained on"
                 f" {self.dtype} files",
             )
-        return raster.array[[i - 1 for i in self.indexes]]
+        return raster.array[self._positions(raster, label)]
+
+    def _positions(self, raster: Raster, label: str) -> list[int]:
+        if not (self.names and raster.names):
+            if self.names and self not in _SAID_BY_POSITION:
+                _SAID_BY_POSITION.add(self)
+                log.warning(
+                    "%s carries no band names: its bands %s are read by position as %s",
+                    label,
+                    ",".join(map(str, self.indexes)),
+                    ",".join(self.names),
+                )
+            return [i - 1 for i in self.indexes]
+        lower = [n.lower() for n in raster.names]
+        missing = [n for n in self.names if n.lower() not in lower]
+        if missing:
+            raise ImageError(
+                label,
+                f"has no band named {missing[0]!r} (its bands: {', '.join(raster.names)});"
+                f" the model reads {', '.join(self.names)}",
+            )
+        return [lower.index(n.lower()) for n in self.names]
+
+
+# The band choices already said to be read by position from a file without names: said once.
+_SAID_BY_POSITION: set[BandPick] = set()
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:

@@ -41,6 +41,7 @@ class Scene:
     count: int
     dtype: str
     alpha: int = 0  # how many of the bands are transparency (GDAL's colour interpretation)
+    names: list[str] | None = None  # the bands' descriptions, when the file names every band
     crs: Any = None  # a rasterio CRS, or None without georeference
     transform: Any = None  # an affine.Affine from pixel (col, row) to map (x, y)
     _raster: Any = field(default=None, repr=False)
@@ -120,9 +121,17 @@ def open_scene(path: str | Path, max_pixels: int | None = None) -> Scene:
                 )
             return scene
     limit = min(max_pixels or MAX_DECODED_PIXELS, MAX_DECODED_PIXELS)
-    pixels = read_image(path, max_pixels=limit).array
-    count, height, width = pixels.shape
-    return Scene(path, width, height, count, pixels.dtype.name, _pixels=pixels)
+    raster = read_image(path, max_pixels=limit)
+    count, height, width = raster.array.shape
+    return Scene(
+        path,
+        width,
+        height,
+        count,
+        raster.array.dtype.name,
+        names=raster.names,
+        _pixels=raster.array,
+    )
 
 
 def _open_raster(path: Path, rasterio: Any) -> Scene:
@@ -149,6 +158,7 @@ def _open_raster(path: Path, rasterio: Any) -> Scene:
         src.count,
         src.dtypes[0],
         alpha=sum(ci.name == "alpha" for ci in src.colorinterp),
+        names=list(src.descriptions) if all(src.descriptions) else None,
         crs=src.crs if georeferenced else None,
         transform=src.transform if georeferenced else None,
         _raster=src,
@@ -160,7 +170,8 @@ def check_bands(scene: Scene, pre: Preprocess) -> None:
     trained: another band count or dtype, or colour bands an RGB model would drop."""
     label = str(scene.path)
     if pre.pick is not None:
-        pre.pick.take(Raster(np.zeros((scene.count, 1, 1), dtype=scene.dtype)), label)
+        blank = np.zeros((scene.count, 1, 1), dtype=scene.dtype)
+        pre.pick.take(Raster(blank, scene.names), label)
         return
     if scene.count - scene.alpha > 3:
         raise ImageError(
@@ -172,15 +183,18 @@ def check_bands(scene: Scene, pre: Preprocess) -> None:
     check_raster(label, RasterInfo(scene.dtype, scene.count, scene.alpha), rgb=True)
 
 
-def window_image(pixels: np.ndarray, pre: Preprocess, label: str) -> torch.Tensor:
+def window_image(
+    pixels: np.ndarray, pre: Preprocess, label: str, names: list[str] | None = None
+) -> torch.Tensor:
     """A window as the model reads the same pixels saved as a file: its bands (8-bit RGB for
     an RGB model) at the model's size, in the data's dtype; non-finite values become the
-    window's band mean, as :func:`~rsscene.data.images.finite_bands` does for a file."""
+    window's band mean, as :func:`~rsscene.data.images.finite_bands` does for a file. The
+    scene's band ``names`` choose the model's bands by name, as for a file."""
     if pixels.dtype.kind == "f":
         pixels = finite_bands(pixels, label)
     if pre.pick is None:
         return resize_bands(torch.from_numpy(np.ascontiguousarray(as_rgb8(pixels))), pre.size)
-    bands = pre.pick.take(Raster(pixels), label)
+    bands = pre.pick.take(Raster(pixels, names), label)
     return resize_bands(torch.from_numpy(np.ascontiguousarray(bands)), pre.size)
 
 

@@ -119,7 +119,7 @@ def _read_batch(
             valid = valid & np.isfinite(pixels).all(0)
         if 1.0 - valid.mean() > MAX_NODATA_SHARE:
             continue
-        images.append(window_image(pixels, pre, str(scene.path)))
+        images.append(window_image(pixels, pre, str(scene.path), scene.names))
         kept.append((i, j))
     return images, kept, len(cells) - len(kept)
 
