@@ -393,3 +393,14 @@ def test_real_nwpu(tmp_path):
     prepare(REAL, tmp_path / "c", seed=1, **kw)
     assert _parts(tmp_path / "c")["test"] != parts["test"]
     assert elapsed < 30, f"checking 1,400 JPEGs took {elapsed:.1f} s"
+
+
+def test_a_split_file_saved_with_a_byte_order_mark_is_read(raw, tmp_path):
+    listing = tmp_path / "bom.txt"
+    text = "train bridge/bridge_000.jpg\ntest bridge/bridge_005.jpg\n"
+    listing.write_text(text, encoding="utf-8-sig")  # as Windows' Notepad saves UTF-8
+    prepare(raw, tmp_path / "a", split_file=listing)
+    assert _parts(tmp_path / "a") == {
+        "train": {("bridge", "bridge_000.jpg")},
+        "test": {("bridge", "bridge_005.jpg")},
+    }
