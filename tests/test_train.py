@@ -342,3 +342,16 @@ def test_a_resume_applies_the_lr_and_optimizer_it_records(
     assert "its state starts afresh" in capsys.readouterr().out
     saved = checkpoint.load(run / "last.pt").state.optimizer["param_groups"][0]
     assert saved["lr"] == 0.5 and saved["momentum"] == 0.9 and saved["nesterov"]
+
+
+def test_the_report_gives_the_seconds_of_each_phase(split: Path, tmp_path: Path) -> None:
+    lines: list[str] = []
+    report = Trainer.from_config(tiny_config(split, tmp_path / "run"), log=lines.append).fit()
+    phases = report["seconds_by_phase"]
+    assert list(phases) == ["start-up", "cache", "training", "evaluation", "writes", "tta"]
+    assert phases["training"] == report["train_seconds"] > 0
+    assert all(phases[k] > 0 for k in ("start-up", "cache", "evaluation", "tta"))
+    assert phases["writes"] >= 0
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["seconds_by_phase"] == phases
+    assert lines[-1].startswith("seconds by phase: start-up ") and " tta " in lines[-1]

@@ -232,6 +232,8 @@ class Recorder:
             f" {report['test_accuracy_tta']:.2%}); best {best['split']} accuracy"
             f" {best['accuracy']:.2%} at epoch {best['epoch']}; run folder {self.run_dir}"
         )
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in report["seconds_by_phase"].items())
+        self.log(f"seconds by phase: {phases}")
 
     def close(self) -> None:
         """Wait for the writes (also after a second Ctrl-C), then close the log."""

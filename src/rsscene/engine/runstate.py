@@ -8,8 +8,10 @@ import hashlib
 import json
 import platform
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from rsscene.checkpoint import Checkpoint, TrainingState
 from rsscene.config import TrainConfig, from_dict, from_saved
 from rsscene.data.bands import Preprocess
 from rsscene.data.datasets import ImageList, TrainData
+from rsscene.device import synchronize
 from rsscene.engine import distributed
 from rsscene.engine.evaluate import headline
 from rsscene.errors import UserError
@@ -125,6 +128,7 @@ def final_report(
     final: dict[str, Any],
     tta: dict[str, Any],
     val_accuracy: float | None,
+    phases: Phases | None = None,
 ) -> dict[str, Any]:
     """report.json: the final weights' test report (``final``, and ``tta``'s accuracy),
     their validation accuracy, and the best epoch."""
@@ -134,6 +138,7 @@ def final_report(
         else "best.pt was selected on the test split itself, so its accuracy is optimistic;"
         " report the final epoch's"
     )
+    train_seconds = round(sum(float(r["seconds"]) for r in state.history), 2)
     return {
         "headline": "test accuracy of the final epoch's weights",
         "test_accuracy": final["accuracy"],
@@ -143,7 +148,8 @@ def final_report(
         "val_accuracy": val_accuracy,
         "best": {**state.best, "note": best_note},
         "epochs": cfg.epochs,
-        "train_seconds": round(sum(float(r["seconds"]) for r in state.history), 2),
+        "train_seconds": train_seconds,
+        "seconds_by_phase": (phases or Phases()).as_dict(train_seconds),
         "arch": cfg.arch,
         "class_names": classes,
         "test": final,
@@ -161,6 +167,33 @@ def checked_preprocess(data: TrainData, cfg: TrainConfig) -> Preprocess:
             f"{'' if cfg.normalize else ' --no-normalize'}: build both from the same settings"
         )
     return pre
+
+
+class Phases:
+    """This process's seconds in each phase of a run (start-up, cache, training, evaluation,
+    writes, TTA), so that a change in speed shows where it came from. On a GPU each phase
+    ends with a synchronisation, so its seconds are the device's too."""
+
+    NAMES = ("start-up", "cache", "training", "evaluation", "writes", "tta")
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.seconds = dict.fromkeys(self.NAMES, 0.0)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device is not None:
+                synchronize(self.device)
+            self.seconds[name] += time.perf_counter() - start
+
+    def as_dict(self, training: float) -> dict[str, float]:
+        """The phases, with ``training`` (the epochs' own seconds, a resumed run's earlier
+        ones included) as the training phase."""
+        return {k: round(training if k == "training" else v, 2) for k, v in self.seconds.items()}
 
 
 def versions() -> dict[str, str]:

@@ -113,6 +113,7 @@ class Trainer:
         self.recorder = Recorder(
             Path(run_dir) if run_dir else new_run_dir(cfg, self.dist), cfg, log
         )
+        self.phases = runstate.Phases(self.device)
         self.stop_signal: int | None = None
         self._owns_process_group = False
         self._results: dict[str, tuple[dict[str, Any], Predictions]] = {}
@@ -212,7 +213,8 @@ class Trainer:
         try:
             for epoch in range(self.state.next_epoch, self.cfg.epochs):
                 self.end_epoch(epoch, self.train_epoch(epoch))
-            self.writes.wait()
+            with self.phases.timed("writes"):
+                self.writes.wait()
             return self._finish()
         except Exception as e:
             self.recorder.settle()
@@ -344,7 +346,8 @@ class Trainer:
         final = epoch + 1 == self.cfg.epochs
         evaluated = (epoch + 1) % self.cfg.eval_every == 0 or final
         held_out = self.data.held_out.items() if evaluated else ()
-        self._results = {name: self.evaluate(loader) for name, loader in held_out}
+        with self.phases.timed("evaluation"):
+            self._results = {name: self.evaluate(loader) for name, loader in held_out}
         row = runstate.epoch_row(epoch, sums, self._results, self.scheduler.get_last_lr()[0])
         self.state.history.append(row)
         self.state.next_epoch, self.state.next_step, self.state.partial = epoch + 1, 0, {}
@@ -354,7 +357,8 @@ class Trainer:
             self.state.best = {"epoch": epoch + 1, "accuracy": selected, "split": self.select}
         if self.dist.main:
             size = None if self.cfg.start_size is None else recipe.train_size(self.cfg, epoch)
-            self.recorder.epoch(self.checkpoint(), improved, final, size)
+            with self.phases.timed("writes"):
+                self.recorder.epoch(self.checkpoint(), improved, final, size)
         self.dist.barrier()
         return row
 
@@ -383,12 +387,16 @@ class Trainer:
         """The final weights' test report (with 8-way TTA), handed to the recorder."""
         test = self.data.test
         # The last epoch's evaluation already saw these weights; a resumed finished run did not.
-        final, preds = self._results.get("test") or self.evaluate(test)
-        tta, _ = self.evaluate(test, tta=True)
-        val = None
-        if self.data.val is not None:
-            val = (self._results.get("val") or self.evaluate(self.data.val))[0]["accuracy"]
-        report = runstate.final_report(self.cfg, self.state, self.classes, final, tta, val)
+        with self.phases.timed("evaluation"):
+            final, preds = self._results.get("test") or self.evaluate(test)
+            val = None
+            if self.data.val is not None:
+                val = (self._results.get("val") or self.evaluate(self.data.val))[0]["accuracy"]
+        with self.phases.timed("tta"):
+            tta, _ = self.evaluate(test, tta=True)
+        report = runstate.final_report(
+            self.cfg, self.state, self.classes, final, tta, val, self.phases
+        )
         if self.dist.main:
             self.recorder.finish(report, preds, test.paths)
             if self.data.train.replaced:
@@ -407,6 +415,7 @@ def _build(
     ``cfg.data``, the model (with ``--weights``), the recipe's optimizer; under torchrun, the
     process group. With ``resume`` (a run folder or its ``last.pt``) the run continues where
     that checkpoint stopped."""
+    started = time.perf_counter()
     device = select_device(cfg.device)
     dist = distributed.setup(device.type)
     try:
@@ -418,7 +427,9 @@ def _build(
         ckpt = runstate.load_resume(resume) if resume else None
         set_determinism(cfg.deterministic, device)
         torch.manual_seed(cfg.seed)
+        cache_started = time.perf_counter()
         data = recipe.split_data(cfg, device, dist.main)
+        cache = time.perf_counter() - cache_started
         # A resumed run takes its weights from the checkpoint, not from where it started.
         model, note = recipe.build_model(
             cfg, len(data.classes), ckpt is None, data.preprocess.channels
@@ -430,6 +441,8 @@ def _build(
         trainer._owns_process_group = dist.enabled
         if ckpt is not None:
             trainer.restore(ckpt, resume)
+        trainer.phases.seconds["cache"] = cache
+        trainer.phases.seconds["start-up"] = time.perf_counter() - started - cache
         return trainer
     except BaseException:
         distributed.teardown()
