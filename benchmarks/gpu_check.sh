@@ -76,6 +76,19 @@ run 60 "rsscene train: --cache disk on CUDA, 1 epoch at 128 px" \
     python -m rsscene train "$SPLIT" --arch resnet18 --img-size 128 --epochs 1 \
     --batch-size 256 --device cuda --cache disk --out "$WORK/run-disk"
 
+# timm's train.py recipe, the tutorial's and the default side by side on real images (AID-5,
+# then SIRI-WHU-12), each with its accuracy-against-seconds figure beside OUT.
+for SET in aid5 siri12; do
+    if [[ -d "$ROOT/../shared/data/$SET" ]]; then
+        run 150 "peer: timm, tutorial and default on $SET (cuda)" \
+            python benchmarks/peer.py --data "$ROOT/../shared/data/$SET" --device cuda \
+            --figure "$(dirname "$OUT")/peer-$SET-cuda.png" --json "$WORK/peer-$SET.json"
+    else
+        log ""
+        log "## peer on $SET: skipped: ../shared/data/$SET is absent"
+    fi
+done
+
 # Every synchronising CUDA call during 24 training steps, by the line of rsscene that made
 # it: a line with about one per step is a stall in the hot loop (a few per 20 steps are by
 # design: the loss and the stop signal are read there).
@@ -112,6 +125,9 @@ print(f"{sum(calls.values())} synchronising calls in 24 training steps, then eva
 for where, n in calls.most_common():
     print(f"{n:5d}  {where}")
 EOF
+
+# The ratios in one table: the default's accuracy and whole-run time against timm's.
+python benchmarks/peer_ratios.py "$WORK"/peer-*.json | tee -a "$OUT"
 
 log ""
 log "total ${SECONDS}s"

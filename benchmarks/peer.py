@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=default_workers(),
         help="timm's DataLoader workers (default: the CPUs, up to 8; train.py's -j is 4)",
     )
+    p.add_argument("--device", default="auto", help="every recipe's device: auto, cpu, cuda")
     p.add_argument("--figure", type=Path, help="accuracy against training seconds (PNG)")
     p.add_argument("--json", type=Path, help="every epoch of every recipe")
     p.add_argument("--workdir", type=Path, help="keep the split and runs (default: temp)")
@@ -100,7 +101,7 @@ def run_timm(split: Path, args: argparse.Namespace, out: Path) -> list[dict]:
 
     hp = {**TIMM, **{k: v for k, v in (("epochs", args.epochs), ("img_size", args.img_size)) if v}}
     random_seed(args.seed)  # torch, numpy and random, as train.py seeds them
-    device = select_device("auto")
+    device = select_device(args.device)
     amp = amp_dtype("auto", device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py sets it
@@ -181,6 +182,7 @@ def accuracy(model: torch.nn.Module, loader: DataLoader) -> float:
 
 def run_rsscene(split: Path, args: argparse.Namespace, out: Path, tutorial: bool) -> list[dict]:
     settings = {"data": str(split), "seed": args.seed, "tutorial": tutorial, "out": str(out)}
+    settings["device"] = args.device
     if args.epochs:
         settings["epochs"] = args.epochs
     if args.img_size:

@@ -125,3 +125,22 @@ def test_candidates_benchmark_reports_validation_not_test(tmp_path, scenes):
     for by_data in results.values():
         for repeats in by_data.values():
             assert all(0 <= r["val_oa"] <= 1 and r["images"]["val"] > 0 for r in repeats)
+
+
+def test_peer_ratios_tabulates_the_default_against_timm(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from peer_ratios import table
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def run(acc: float, wall: float) -> dict:
+        return {"epochs": [{"test_acc": 0.5}, {"test_acc": acc}], "wall_seconds": wall}
+
+    both = tmp_path / "peer-aid5.json"
+    both.write_text(json.dumps({"timm": run(0.9, 40.0), "default": run(0.95, 10.0)}))
+    alone = tmp_path / "peer-siri12.json"
+    alone.write_text(json.dumps({"default": run(0.8, 10.0)}))  # timm did not finish
+    lines = table([both, alone, tmp_path / "absent.json"]).splitlines()
+    assert lines[2:] == ["| aid5 | 95.0% | 90.0% | - | 0.25 |"]
+    assert "no peer run finished" in table([alone])
