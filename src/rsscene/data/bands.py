@@ -11,6 +11,7 @@ default record: 8-bit RGB decoding (``bands`` None), scale 255, ImageNet mean/st
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,15 @@ class Preprocess:
             )
         x = torch.from_numpy(np.ascontiguousarray(array))
         return self.input(x[None], [label])
+
+    def shown_as(self, display: list[int] | None) -> Preprocess:
+        """This record drawing ``display`` (three 1-based bands) as red, green and blue, or a
+        :class:`UserError` when they are not three of the model's bands; None: as it is."""
+        if display is None:
+            return self
+        pre = dataclasses.replace(self, display=list(display))
+        pre.display_bands()
+        return pre
 
     def display_bands(self) -> list[int]:
         """Positions (0-based, in the model's input) of the bands shown as red, green, blue:

@@ -353,9 +353,7 @@ def shown_as(pre: Preprocess, show: str | None) -> Preprocess:
         display = parse_display(show)
     except ValueError as e:
         raise UserError(f"show={show}: {e}") from None
-    pre = dataclasses.replace(pre, display=display)
-    pre.display_bands()
-    return pre
+    return pre.shown_as(display)
 
 
 def _answer_errors(app: FastAPI) -> None:
