@@ -132,8 +132,7 @@ def cmd_cam(args: argparse.Namespace) -> int:
     from rsscene.explain import write_cams
 
     predictor = open_predictor(args)
-    if args.show_bands:
-        predictor.pre.display = args.show_bands
+    predictor.pre = predictor.pre.shown_as(args.show_bands)
     written, errors = write_cams(
         predictor, args.paths, args.out, args.class_name, args.layer, args.tta == "yes"
     )
@@ -178,13 +177,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_map(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "map",
-        help="classify a whole scene tile by tile into a (georeferenced) land-use map",
+        help="classify whole scenes tile by tile into (georeferenced) land-use maps",
         description="Cut SCENE into windows, predict them in batches and write classes.tif"
         " (classes.png without georeference), overlay.png, tiles.csv/.geojson and summary.json"
-        " to --out. GeoTIFFs are read window by window (pip install 'rsscene[geo]').",
+        " to --out. With several scenes (files, folders, glob patterns), each scene's map goes"
+        " to DIR/<scene name>/ and DIR gets region.json, one tiles file and classes.vrt (a"
+        " mosaic, where the scenes share a CRS); the same command again skips the scenes"
+        " mapped already and remaps those whose file, checkpoint or settings changed."
+        " GeoTIFFs are read window by window (pip install 'rsscene[geo]').",
     )
     add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
-    p.add_argument("scene", metavar="SCENE", help="a GeoTIFF or any image rsscene reads")
+    p.add_argument(
+        "scene",
+        nargs="+",
+        metavar="SCENE",
+        help="a GeoTIFF or any image rsscene reads; or several, folders of them, glob patterns",
+    )
     p.add_argument("--out", required=True, metavar="DIR")
     size = p.add_mutually_exclusive_group()
     size.add_argument(
@@ -216,29 +224,52 @@ def add_map(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="replace the earlier map --out holds, whatever scene or settings made it",
+        help="replace the earlier map --out holds, whatever scene or settings made it (a"
+        " region: also remove the maps of scenes no longer given)",
     )
     p.set_defaults(func=cmd_map)
 
 
 def cmd_map(args: argparse.Namespace) -> int:
+    from rsscene.errors import Interrupted
     from rsscene.mapping import format_summary, map_scene
-
-    summary = map_scene(
-        open_predictor(args),
-        args.scene,
-        args.out,
-        tile=args.tile,
-        tile_m=args.tile_m,
-        stride=args.stride,
-        batch_size=args.batch_size,
-        tta=args.tta,
-        tiles=args.tiles,
-        probabilities=args.probabilities,
-        truth=args.truth,
-        progress=True,
-        amp=args.amp,
-        force=args.force,
+    from rsscene.mapping.region import (
+        collect_scenes,
+        format_region,
+        map_region,
+        maps_a_region,
+        stop_on_sigterm,
     )
-    print(format_summary(summary, args.out))
+
+    options = {
+        "tile": args.tile,
+        "tile_m": args.tile_m,
+        "stride": args.stride,
+        "batch_size": args.batch_size,
+        "tta": args.tta,
+        "tiles": args.tiles,
+        "probabilities": args.probabilities,
+        "truth": args.truth,
+        "amp": args.amp,
+        "force": args.force,
+        "progress": True,
+    }
+    region = maps_a_region(args.scene)
+    if region:
+        collect_scenes(args.scene)  # a scene that is missing is said before the model loads
+    try:
+        with stop_on_sigterm():
+            predictor = open_predictor(args)
+            if not region:  # one file: its map in --out itself, as always
+                summary = map_scene(predictor, args.scene[0], args.out, **options)
+                print(format_summary(summary, args.out))
+                return 0
+            summary = map_region(predictor, args.scene, args.out, log=print, **options)
+    except Interrupted as e:
+        if region:
+            print(f"rsscene map: {e}", file=sys.stderr)
+        else:
+            print(f"rsscene map: {e}; --out {args.out} is as it was", file=sys.stderr)
+        return 128 + e.signum
+    print(format_region(summary, args.out))
     return 0

@@ -30,6 +30,7 @@ from rsscene.mapping.tiling import (
     PROGRESS_EVERY,
     Grid,
     MapResult,
+    check_capacity,
     make_grid,
     predict_scene,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "format_summary",
     "map_scene",
     "open_scene",
+    "plan_map",
     "tile_accuracy",
 ]
 
@@ -111,25 +113,13 @@ def map_scene(
     replaces any earlier map. ``progress`` shows a bar on a terminal, else a line on stderr
     every ``progress_every`` seconds. ``max_pixels`` and ``max_windows`` bound the work one
     call may ask for (the server's)."""
-    if probabilities and importlib.util.find_spec("rasterio") is None:
-        raise UserError('--probabilities writes a GeoTIFF: pip install "rsscene[geo]"')
+    _check_probabilities(probabilities)
+    options = {"tile": tile, "tile_m": tile_m, "stride": stride, "tta": tta, "amp": amp}
+    options |= {"tiles": tiles, "probabilities": probabilities, "truth": truth}
     scene = open_scene(scene_path, max_pixels)
     try:
-        check_bands(scene, predictor.pre)
-        grid = make_grid(scene, tile or default_tile(predictor, scene, tile_m), stride)
-        _check_windows(scene, grid, max_windows)
-        settings = {
-            "checkpoint": str(Path(predictor.source).resolve()),
-            "tile": grid.tile,
-            "stride": grid.stride,
-            "tta": tta,
-            "amp": amp,
-            "tiles": tiles,
-            "probabilities": probabilities,
-            "truth": None if truth is None else str(Path(truth).resolve()),
-        }
         # Checked before the windows are predicted: a refusal costs nothing.
-        target = check_target(out, scene.path, scene_record(scene.path, settings), force)
+        grid, target = _plan(predictor, scene, out, options, max_windows, force)
         dtype = amp_dtype(amp, predictor.device)
         started = time.perf_counter()
         result = predict_scene(
@@ -144,6 +134,73 @@ def map_scene(
         return _write_map(target, scene, result, predictor, summary)
     finally:
         scene.close()
+
+
+def plan_map(
+    predictor: Predictor,
+    scene_path: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    max_pixels: int | None = None,
+    max_windows: int | None = None,
+    **options: Any,
+) -> Target:
+    """Every check :func:`map_scene` makes before it predicts a window, and no more: the output
+    folder as a :class:`~.folder.Target`, whose record says what the map is made from.
+    ``options`` are map_scene's (tile, tile_m, stride, tta, amp, tiles, probabilities, truth)."""
+    _check_probabilities(options.get("probabilities", False))
+    defaults = {"tile": None, "tile_m": None, "stride": None, "tta": False, "amp": "off"}
+    defaults |= {"tiles": "csv", "probabilities": False, "truth": None}
+    scene = open_scene(scene_path, max_pixels)
+    try:
+        return _plan(predictor, scene, out, defaults | options, max_windows, force)[1]
+    finally:
+        scene.close()
+
+
+def _check_probabilities(probabilities: bool) -> None:
+    if probabilities and importlib.util.find_spec("rasterio") is None:
+        raise UserError('--probabilities writes a GeoTIFF: pip install "rsscene[geo]"')
+
+
+def _plan(
+    predictor: Predictor,
+    scene: Scene,
+    out: str | Path,
+    options: dict[str, Any],
+    max_windows: int | None,
+    force: bool,
+) -> tuple[Grid, Target]:
+    """The grid of windows over ``scene`` and the output folder, both checked."""
+    check_bands(scene, predictor.pre)
+    tile = options["tile"] or default_tile(predictor, scene, options["tile_m"])
+    grid = make_grid(scene, tile, options["stride"])
+    _check_windows(scene, grid, max_windows)
+    check_capacity(scene, grid, len(predictor.classes))
+    truth = options["truth"]
+    settings = {
+        "checkpoint": str(Path(predictor.source).resolve()),
+        "tile": grid.tile,
+        "stride": grid.stride,
+        "tta": options["tta"],
+        "amp": options["amp"],
+        "tiles": options["tiles"],
+        "probabilities": options["probabilities"],
+        "truth": None if truth is None else str(Path(truth).resolve()),
+    }
+    record = scene_record(scene.path, settings, _checkpoint_file(predictor))
+    return grid, check_target(out, scene.path, record, force)
+
+
+def _checkpoint_file(predictor: Predictor) -> Path | None:
+    """The file the model was read from (a run folder's last.pt), if it is still there."""
+    from rsscene.checkpoint import resolve_path
+
+    try:
+        return resolve_path(predictor.source)
+    except (OSError, UserError):  # gone since it was read: the map records its path only
+        return None
 
 
 def _write_map(

@@ -65,13 +65,23 @@ class Target:
         )
 
 
-def scene_record(scene: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
-    """What recognises a map as made from this scene file (path, size, modification time) with
-    these settings: summary.json keeps it under :data:`RECORD`."""
-    path = Path(scene).resolve()
+def file_record(path: str | Path) -> dict[str, Any]:
+    """A file's path (resolved), size and modification time: what tells it changed."""
+    path = Path(path).resolve()
     stat = path.stat()
-    file = {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    return {"scene": file, "settings": settings}
+    return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def scene_record(
+    scene: str | Path, settings: dict[str, Any], checkpoint: str | Path | None = None
+) -> dict[str, Any]:
+    """What recognises a map as made from this scene file (path, size, modification time) with
+    these settings, and by this ``checkpoint`` file: summary.json keeps it under :data:`RECORD`."""
+    record = {"scene": file_record(scene), "settings": settings}
+    if checkpoint is not None:
+        # The path alone is in the settings; a retrained last.pt keeps its path.
+        record["checkpoint"] = file_record(checkpoint)
+    return record
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
@@ -146,7 +156,9 @@ def _check_contents(target: Target, entries: list[os.DirEntry]) -> None:
         raise UserError(
             f"--out {out}: holds an incomplete map (no summary.json); --force replaces it"
         )
-    if summary.get(RECORD) != target.record:
+    # The same command replaces its map, also after the checkpoint was retrained in place (a
+    # region, which skips finished maps, tells the two apart: earlier_map).
+    if difference(summary.get(RECORD), target.record)[0] not in ("same", "checkpoint"):
         raise UserError(
             f"--out {out}: holds {_earlier(summary.get(RECORD), target)}; --force replaces it"
         )
@@ -167,16 +179,70 @@ def read_summary(path: Path) -> dict[str, Any] | None:
 
 def _earlier(record: Any, target: Target) -> str:
     """What the earlier map in a folder is, against the one asked for."""
-    if not isinstance(record, dict) or not isinstance(record.get("scene"), dict):
+    kind, why = difference(record, target.record)
+    if kind == "unknown":
         return "an earlier map without a record of its scene file and settings"
-    scene, now = record["scene"], target.record["scene"]
+    if kind == "other":
+        return why
+    if kind == "file":
+        return f"a map of {target.record['scene']['path']} made before the file changed"
+    return f"a map of the same scene with other settings ({why})"
+
+
+def difference(record: Any, wanted: dict[str, Any]) -> tuple[str, str]:
+    """How an earlier map's record differs from ``wanted``: ``same``, ``unknown`` (no record),
+    ``other`` (another scene), ``file`` (the scene changed), ``checkpoint`` or ``settings``;
+    and the differences in words."""
+    if not isinstance(record, dict) or not isinstance(record.get("scene"), dict):
+        return "unknown", "no record of its scene file and settings"
+    scene, now = record["scene"], wanted["scene"]
     if scene.get("path") != now["path"]:
-        return f"a map of another scene ({scene.get('path')})"
+        return "other", f"a map of another scene ({scene.get('path')})"
     if scene != now:
-        return f"a map of {now['path']} made before the file changed"
-    settings, wanted = record.get("settings") or {}, target.record["settings"]
-    changed = [f"{k} {settings.get(k)} -> {v}" for k, v in wanted.items() if settings.get(k) != v]
-    return f"a map of the same scene with other settings ({', '.join(changed) or 'unknown'})"
+        return "file", "the scene file changed since"
+    settings, want = record.get("settings") or {}, wanted["settings"]
+    changed = [f"{k} {settings.get(k)} -> {v}" for k, v in want.items() if settings.get(k) != v]
+    if changed:
+        return "settings", ", ".join(changed)
+    if record.get("checkpoint") != wanted.get("checkpoint"):
+        if record.get("checkpoint") is None:
+            return "checkpoint", "a checkpoint file it did not record"
+        return "checkpoint", f"an earlier version of the checkpoint {settings.get('checkpoint')}"
+    return ("same", "") if record == wanted else ("settings", "unknown")
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """What an output folder holds against the map asked for: ``kind`` as :func:`difference`
+    gives it, or ``none`` (a new or empty folder) and ``incomplete``; the reason in words; the
+    earlier summary (its record left out) when it is the same map, complete."""
+
+    kind: str
+    why: str = ""
+    summary: dict[str, Any] | None = None
+
+
+def earlier_map(target: Target) -> Earlier:
+    """The map already in ``target``'s folder (checked by :func:`check_target`), if any: a map
+    of the same scene, settings and checkpoint whose files are all there needs no remaking."""
+    path = target.path
+    if not path.is_dir() or not any(
+        e.name in MAP_FILES and not _same(e.path, target.scene) for e in os.scandir(path)
+    ):
+        return Earlier("none")
+    summary = read_summary(path / "summary.json")
+    if summary is None:
+        return Earlier("incomplete", "an incomplete map (no summary.json)")
+    kind, why = difference(summary.get(RECORD), target.record)
+    if kind != "same":
+        return Earlier(kind, why)
+    files = summary.get("files")
+    names = [Path(f).name for f in files] if isinstance(files, list) else []
+    missing = [n for n in names if not (path / n).is_file()]
+    if not names or missing:
+        return Earlier("incomplete", f"its {', '.join(missing) or 'list of files'} is missing")
+    summary.pop(RECORD)
+    return Earlier("same", "", summary)
 
 
 def _new_folder(where: Path, prefix: str) -> Path:

@@ -83,6 +83,17 @@ def make_grid(scene: Scene, tile: int, stride: int | None = None) -> Grid:
     return grid
 
 
+def check_capacity(scene: Scene, grid: Grid, classes: int) -> None:
+    """Refuse a map whose class indexes or probability sums would not fit."""
+    if classes >= NODATA_CLASS:
+        raise UserError(f"a map holds at most {NODATA_CLASS - 1} classes; the model has {classes}")
+    if grid.rows * grid.cols * classes > MAX_CELL_VALUES:
+        raise UserError(
+            f"{scene.path}: a map of {grid.rows}x{grid.cols} cells x {classes} classes is too"
+            f" large to hold (over {MAX_CELL_VALUES:,} values); use a larger --stride"
+        )
+
+
 # --------------------------------------------------------------------------- prediction
 @dataclass
 class MapResult:
@@ -190,13 +201,7 @@ def predict_scene(
     ``amp`` precision when given (float32 otherwise, as ``predict``). ``progress``: a bar on a
     terminal, else a line every ``progress_every`` seconds."""
     k = len(predictor.classes)
-    if k >= NODATA_CLASS:
-        raise UserError(f"a map holds at most {NODATA_CLASS - 1} classes; the model has {k}")
-    if grid.rows * grid.cols * k > MAX_CELL_VALUES:
-        raise UserError(
-            f"{scene.path}: a map of {grid.rows}x{grid.cols} cells x {k} classes is too large"
-            f" to hold (over {MAX_CELL_VALUES:,} values); use a larger --stride"
-        )
+    check_capacity(scene, grid, k)
     result = MapResult(
         grid,
         list(predictor.classes),
