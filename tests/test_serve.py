@@ -681,3 +681,17 @@ def test_hostile_load_benchmark_at_the_readmes_scale():
     """The README's figures: 500 requests, 16 clients, 50 bad of 10 kinds, 40 MP limit."""
     out = _serve_load("--hostile", timeout=900)
     assert "bad requests answered as expected: 50/50" in out
+
+
+def test_map_of_a_tiff_truncated_outside_its_windows_is_a_4xx(client, tmp_path: Path) -> None:
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "s.tif"  # 72 rows in strips of 8: 64 px windows read rows 0-63 only
+    pixels = np.random.default_rng(0).integers(0, 255, (72, 64, 3), dtype=np.uint8)
+    tifffile.imwrite(path, pixels, photometric="rgb", rowsperstrip=8)
+    with tifffile.TiffFile(path) as tif:
+        last = tif.pages.first.dataoffsets[-1]
+    r = client.post("/map", files={"file": ("s.tif", path.read_bytes()[: last + 100])})
+    assert r.status_code in (400, 422) and "corrupt or truncated" in r.json()["error"]
+    assert client.get("/health").status_code == 200
