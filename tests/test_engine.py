@@ -305,3 +305,16 @@ def test_a_saved_config_reads_back_typed() -> None:
     assert again == cfg and again.crop_scale == (0.5, 1.0) and isinstance(again.ramp, tuple)
     del saved["eval_every"]  # a setting added since that run: its default
     assert from_saved(saved).eval_every == 1
+
+
+def test_no_function_is_over_60_lines_but_the_scene_drawers() -> None:
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "synthetic.py":  # each drawer paints one class: long by nature
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 60:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} {length}")
+    assert not long, long
