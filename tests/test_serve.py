@@ -695,3 +695,16 @@ def test_map_of_a_tiff_truncated_outside_its_windows_is_a_4xx(client, tmp_path: 
     r = client.post("/map", files={"file": ("s.tif", path.read_bytes()[: last + 100])})
     assert r.status_code in (400, 422) and "corrupt or truncated" in r.json()["error"]
     assert client.get("/health").status_code == 200
+
+
+def test_deep_json_is_refused_whatever_the_recursion_limit(client) -> None:
+    import sys
+
+    body = b"[" * 1_100 + b"]" * 1_100
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(5_000)  # as mkdocstrings (2,000) or jedi (3,000) set it in-process
+    try:
+        r = client.post("/predict", content=body, headers={"content-type": "application/json"})
+    finally:
+        sys.setrecursionlimit(before)
+    assert r.status_code == 400 and "nested too deeply" in r.json()["error"]

@@ -79,6 +79,8 @@ from rsscene.mapping.scenes import Scene
 from rsscene.mapping.tiling import make_grid
 
 DEFAULT_MAX_BYTES = 10_000_000
+# A request is {"images": [...]}: two levels. Far deeper is an attack on the parser.
+MAX_JSON_DEPTH = 64
 DEFAULT_MAX_FILES = 16
 DEFAULT_TOPK = 5
 DEFAULT_BATCH_WAIT_MS = 5.0
@@ -315,8 +317,11 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
                 raise ApiError(400, "fields 'file' and 'files' must be file uploads, not text")
             items.append((upload.filename or f"image{i}", await upload.read()))
     elif content_type == "application/json":
+        body = await request.body()
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"JSON body nested too deeply; {usage}")
         try:
-            data = json.loads(await request.body())
+            data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ApiError(400, f"malformed JSON body; {usage}") from None
         except RecursionError:
@@ -342,6 +347,18 @@ async def read_images(request: Request, max_files: int) -> list[tuple[str, bytes
     if not items:
         raise ApiError(400, f"no image in the request; {usage}")
     return items
+
+
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` in a JSON body (brackets inside strings count
+    too: an over-estimate, and a request's base64 strings hold none). Checked before parsing,
+    because json.loads recurses once a level: how deep it goes before failing depends on the
+    process's recursion limit, which libraries raise, and past the C stack it would crash."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
+        return 0
+    chars = np.frombuffer(body, dtype=np.uint8)
+    step = np.isin(chars, (0x5B, 0x7B)).astype(np.int64) - np.isin(chars, (0x5D, 0x7D))
+    return int(np.cumsum(step).max())
 
 
 def shown_as(pre: Preprocess, show: str | None) -> Preprocess:
