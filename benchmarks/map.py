@@ -18,14 +18,25 @@ Each runs in its own process, so each has its own peak resident memory::
 
     python benchmarks/map.py --size 20000 --tile 256 --img-size 128
 
+With ``--scenes N``, a region instead: N scenes of ``--size`` px (default 5,000), generated
+once into ``--workdir``, mapped by ``rsscene map`` in 1 process and in 2 (torchrun, Gloo on
+the CPU, one thread each), side by side; the seconds, the scaling ratio and each process's
+peak resident memory (the goal: under 1.5 GiB)::
+
+    python benchmarks/map.py --scenes 16 --tile 256 --img-size 128 --workdir /tmp/region
+
 The model's weights are random: speed and memory do not depend on what it learned.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,11 +52,19 @@ from rsscene.data.synthetic import CLASSES, generate_mosaic
 from rsscene.models import create_model
 
 BLOCK = 1024
+# The region case's goal for each process's peak resident memory.
+PEAK_GOAL_MIB = 1.5 * 1024
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=20000, help="scene side in pixels")
+    p.add_argument(
+        "--size", type=int, help="scene side in pixels (default 20,000; with --scenes 5,000)"
+    )
+    p.add_argument("--scenes", type=int, help="map a region of this many scenes instead")
+    p.add_argument(
+        "--workdir", type=Path, help="keep the region's scenes here between runs (default: temp)"
+    )
     p.add_argument("--tile", type=int, default=256, help="window side in pixels")
     p.add_argument("--img-size", type=int, default=128, help="the model's input size")
     p.add_argument("--batch-size", type=int, default=64)
@@ -54,11 +73,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # Set for the child processes, each of which reports its own peak memory.
     p.add_argument("--loop", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--map", nargs=4, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--region-map", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.size is None:
+        args.size = 5000 if args.scenes else 20000
+    return args
 
 
-def write_scene(path: Path, size: int, work: Path) -> None:
-    """A ``size`` x ``size`` GeoTIFF of built-in scenes, written block by block."""
+def write_scene(path: Path, size: int, work: Path, x0: float = 500000.0) -> None:
+    """A ``size`` x ``size`` GeoTIFF of built-in scenes, written block by block, with its
+    top-left corner at (``x0``, 4,500,000)."""
     import rasterio
     from rasterio.transform import from_origin
     from rasterio.windows import Window
@@ -74,7 +98,7 @@ def write_scene(path: Path, size: int, work: Path) -> None:
         "count": 3,
         "dtype": "uint8",
         "crs": "EPSG:32633",
-        "transform": from_origin(500000.0, 4500000.0, 0.5, 0.5),
+        "transform": from_origin(x0, 4500000.0, 0.5, 0.5),
         "tiled": True,
         "blockxsize": 512,
         "blockysize": 512,
@@ -122,28 +146,134 @@ def run_map(scene: str, ckpt: str, out: str, amp: str, batch_size: int) -> dict:
     return {"tiles": summary["windows"], "seconds": seconds, "predict": summary["predict_seconds"]}
 
 
+def map_region(scenes: str, ckpt: str, out: str, amp: str, batch_size: int) -> dict:
+    """``rsscene map`` of a folder of scenes (a region), in this process or this rank."""
+    from rsscene.cli import main as rsscene
+
+    argv = ["map", ckpt, scenes, "--out", out, "--batch-size", str(batch_size), "--amp", amp]
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # this process's JSON line is the output
+        code = rsscene(argv)
+    return {
+        "rank": int(os.environ.get("RANK", 0)),
+        "code": code,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def child(args: argparse.Namespace) -> dict:
-    """The per-tile loop or the map, in this process, with this process's peak memory."""
+    """The per-tile loop or a map, in this process, with this process's peak memory."""
     if args.loop:
         result = per_tile_loop(*args.loop, args.tile, args.loop_tiles)
+    elif args.region_map:
+        result = map_region(*args.region_map, args.batch_size)
     else:
         result = run_map(*args.map, args.batch_size)
     return {**result, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def save_checkpoint(path: Path, args: argparse.Namespace) -> Path:
+    """A random-weight ResNet-18 that reads ``--tile`` px windows at ``--img-size``."""
+    model = create_model("resnet18", num_classes=len(CLASSES))
+    pre = Preprocess(args.img_size, source_size=args.tile)
+    checkpoint.save(Checkpoint(model.state_dict(), "resnet18", list(CLASSES), preprocess=pre), path)
+    return path
+
+
+def region_scenes(folder: Path, count: int, size: int) -> float:
+    """``count`` scenes side by side in ``folder`` (kept from an earlier run with the same
+    count and size); the seconds spent writing them."""
+    started = time.perf_counter()
+    done = folder / f"{count}x{size}.done"
+    if not done.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.tif"):
+            old.unlink()
+        for n in range(count):
+            write_scene(
+                folder / f"scene{n:02d}.tif",
+                size,
+                folder.parent / "blocks",
+                500000.0 + n * size / 2,
+            )
+        done.write_text("")
+    return time.perf_counter() - started
+
+
+def region_case(args: argparse.Namespace, work: Path) -> int:
+    """A region mapped in 1 process and in 2 (torchrun), side by side."""
+    ckpt = save_checkpoint(work / "model.pt", args)
+    scenes = work / "scenes"
+    written = region_scenes(scenes, args.scenes, args.size)
+    me = [sys.executable, __file__, "--tile", str(args.tile), "--batch-size", str(args.batch_size)]
+    two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two += me[1:]
+    runs = {}
+    for name, cmd in [("1 process", me), ("2 processes (torchrun)", two)]:
+        out = work / name.split()[0]
+        shutil.rmtree(out, ignore_errors=True)  # an earlier run's map would be skipped
+        started = time.perf_counter()
+        done = subprocess.run(
+            [*cmd, "--region-map", str(scenes), str(ckpt), str(out), "auto"],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        seconds = time.perf_counter() - started
+        ranks = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        assert all(r["code"] == 0 for r in ranks), done.stderr[-2000:]
+        region = json.loads((out / "region.json").read_text())
+        runs[name] = {"seconds": seconds, "windows": region["windows"], "ranks": ranks}
+        # The slowest rank, from the start of `rsscene map` in it (loading the model, joining
+        # the process group) to its end: the region's time without starting Python and torch.
+        runs[name]["map_seconds"] = max(r["seconds"] for r in ranks)
+    print_region(args, written, runs, torch.get_num_threads())
+    if args.json:
+        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+        Path(args.json).write_text(json.dumps({"settings": settings, "runs": runs}, indent=2))
+    return 0
+
+
+def print_region(args: argparse.Namespace, written: float, runs: dict, threads: int) -> None:
+    print(
+        f"region: {args.scenes} scenes of {args.size}x{args.size} px RGB GeoTIFF"
+        f" ({args.scenes * args.size**2 / 1e6:,.0f} megapixels; written in {written:.0f} s),"
+        f" tiles of {args.tile} px, model input {args.img_size} px, ResNet-18, --amp auto;"
+        f" 1 process with {threads} torch threads, 2 processes with 1 each"
+    )
+    print(
+        "| run | tiles | seconds, whole command | seconds in map | tiles/s in map"
+        " | peak RSS MiB per process | under 1.5 GiB |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for name, r in runs.items():
+        peaks = [p["peak_rss_mib"] for p in sorted(r["ranks"], key=lambda p: p["rank"])]
+        under = "yes" if max(peaks) < PEAK_GOAL_MIB else "**no**"
+        print(
+            f"| {name} | {r['windows']} | {r['seconds']:.1f} | {r['map_seconds']:.1f}"
+            f" | {r['windows'] / r['map_seconds']:.1f} | {', '.join(f'{p:.0f}' for p in peaks)}"
+            f" | {under} |"
+        )
+    one, two = runs.values()
+    print(
+        f"scaling, 2 processes over 1: {one['map_seconds'] / two['map_seconds']:.2f}x in map,"
+        f" {one['seconds'] / two['seconds']:.2f}x over the whole commands"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.loop or args.map:
+    if args.loop or args.map or args.region_map:
         print(json.dumps(child(args)))
         return 0
+    if args.scenes:
+        if args.workdir:
+            return region_case(args, args.workdir)
+        with tempfile.TemporaryDirectory(prefix="rsscene-region-") as tmp:
+            return region_case(args, Path(tmp))
     with tempfile.TemporaryDirectory(prefix="rsscene-map-") as tmp:
         work = Path(tmp)
-        ckpt = work / "model.pt"
-        model = create_model("resnet18", num_classes=len(CLASSES))
-        pre = Preprocess(args.img_size, source_size=args.tile)
-        checkpoint.save(
-            Checkpoint(model.state_dict(), "resnet18", list(CLASSES), preprocess=pre), ckpt
-        )
+        ckpt = save_checkpoint(work / "model.pt", args)
         scene = work / "scene.tif"
         started = time.perf_counter()
         write_scene(scene, args.size, work / "blocks")

@@ -1,78 +1,25 @@
-"""torchrun integration: process group set-up from the environment, and reductions."""
+"""torchrun in training: DDP and SyncBatchNorm. Joining the job (:func:`setup`) and its
+collectives (:class:`Dist`) live in :mod:`rsscene.device`, which map uses too."""
 
 from __future__ import annotations
 
-import datetime
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from rsscene.device import Dist, setup, teardown, world_size
 
-def world_size() -> int:
-    """The number of processes torchrun started (1 when run without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@dataclass
-class Dist:
-    """This process's place in the torchrun job, and the collectives the trainer uses."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    # A process group was joined: under torchrun, even with one process (DDP, SyncBN and the
-    # collectives then run as with several).
-    enabled: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (in place) of a tensor; a no-op outside torchrun."""
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def all_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Element-wise maximum over ranks (in place); a no-op outside torchrun."""
-        if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (any picklable object)."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj``, in rank order, on every rank."""
-        if not self.enabled:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def sync_buffers(self, *modules: nn.Module) -> None:
-        """Rank 0's buffers (BatchNorm statistics) on every rank.
-
-        DDP sends them before each forward, so after the last one each rank has its own.
-        """
-        if self.enabled:
-            for module in modules:
-                for b in module.buffers():
-                    dist.broadcast(b, src=0)
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
+__all__ = [
+    "CpuSyncBatchNorm",
+    "Dist",
+    "convert_sync_batchnorm",
+    "setup",
+    "teardown",
+    "world_size",
+    "wrap",
+]
 
 
 def wrap(net: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
@@ -85,39 +32,6 @@ def wrap(net: nn.Module, dist: Dist, device: torch.device) -> nn.Module:
     return DistributedDataParallel(
         net, device_ids=[device.index] if device.type == "cuda" else None
     )
-
-
-def setup(device_type: str) -> Dist:
-    """Join the process group torchrun describes; NCCL on CUDA, Gloo on CPU."""
-    world = world_size()
-    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        return Dist()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device_id = None
-    if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device_id = torch.device("cuda", local_rank)
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=int(os.environ.get("RSSCENE_DIST_TIMEOUT_MIN", 10)))
-        store = next(dist.rendezvous("env://", timeout=timeout))[0]
-        # torchrun keeps its store across --max-restarts: without a prefix of their own, the
-        # restarted processes can read the dead ones' addresses and fail to connect.
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(
-            backend="nccl" if device_type == "cuda" else "gloo",
-            store=dist.PrefixStore(f"rsscene/attempt-{attempt}", store),
-            rank=rank,
-            world_size=world,
-            timeout=timeout,
-            device_id=device_id,
-        )
-    return Dist(rank, world, local_rank, enabled=True)
-
-
-def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------- SyncBatchNorm

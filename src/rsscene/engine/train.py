@@ -419,8 +419,7 @@ def _build(
     device = select_device(cfg.device)
     dist = distributed.setup(device.type)
     try:
-        if dist.enabled and device.type == "cuda":
-            device = torch.device("cuda", dist.local_rank)
+        device = dist.device(device)
         cfg = config.resolve(cfg, device.type, world=dist.world)
         if resume is None and cfg.out and dist.main:
             runstate.claim_run_folder(Path(cfg.out), force)

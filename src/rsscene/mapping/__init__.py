@@ -2,10 +2,11 @@
 
 :func:`map_scene` reads the scene window by window (:mod:`.scenes`), predicts the windows in
 batches (:mod:`.tiling`) and writes, in its output folder (:mod:`.outputs`): ``classes.tif``
-(class index per cell, with the scene's CRS and a transform that places every cell exactly;
-``classes.png`` where the scene has no georeference), ``probabilities.tif`` on request,
-``overlay.png``, ``tiles.csv`` or ``tiles.geojson``, and ``summary.json``. The folder gets one
-complete map or none, never mixed with other files nor written over the scene (:mod:`.folder`).
+(class index per cell, a cloud-optimised GeoTIFF with the scene's CRS and a transform that
+places every cell exactly; ``classes.png`` where the scene has no georeference),
+``probabilities.tif`` on request, ``overlay.png``, ``tiles.csv`` or ``tiles.geojson``, and
+``summary.json`` (with each file's checksum). The folder gets one complete map or none,
+never mixed with other files nor written over the scene (:mod:`.folder`).
 """
 
 from __future__ import annotations
@@ -14,16 +15,27 @@ import csv
 import importlib.util
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rsscene.device import amp_dtype
+from rsscene.device import Dist, amp_dtype
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
 from rsscene.mapping import outputs
-from rsscene.mapping.folder import RECORD, Target, check_target, scene_record, staged
+from rsscene.mapping.folder import (
+    CHECKSUMS,
+    RECORD,
+    Target,
+    check_target,
+    checksum,
+    scene_record,
+    staged,
+)
+from rsscene.mapping.ranks import agree, exchange
 from rsscene.mapping.scenes import Scene, check_bands, open_scene
 from rsscene.mapping.tiling import (
     MIN_TILE,
@@ -105,6 +117,8 @@ def map_scene(
     amp: str = "off",
     force: bool = False,
     progress_every: float = PROGRESS_EVERY,
+    dist: Dist | None = None,
+    beat: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Map ``scene_path`` with ``predictor``'s model into the folder ``out``; the summary.
 
@@ -112,28 +126,52 @@ def map_scene(
     earlier map of the same scene file and settings, which is replaced whole; ``force``
     replaces any earlier map. ``progress`` shows a bar on a terminal, else a line on stderr
     every ``progress_every`` seconds. ``max_pixels`` and ``max_windows`` bound the work one
-    call may ask for (the server's)."""
+    call may ask for (the server's). ``beat`` is called after each batch.
+
+    Under torchrun (``dist``, every rank calling this alike), the ranks share the windows
+    (:func:`~.tiling.predict_scene`), rank 0 writes the map, and every rank returns its
+    summary; a refusal is raised on every rank before a window is predicted."""
     _check_probabilities(probabilities)
+    dist = dist or Dist()
     options = {"tile": tile, "tile_m": tile_m, "stride": stride, "tta": tta, "amp": amp}
     options |= {"tiles": tiles, "probabilities": probabilities, "truth": truth}
     scene = open_scene(scene_path, max_pixels)
     try:
         # Checked before the windows are predicted: a refusal costs nothing.
-        grid, target = _plan(predictor, scene, out, options, max_windows, force)
+        grid, target = agree(
+            dist, partial(_plan, predictor, scene, out, options, max_windows, force)
+        )
         dtype = amp_dtype(amp, predictor.device)
         started = time.perf_counter()
-        result = predict_scene(
-            predictor, scene, grid, batch_size, tta, progress, dtype, progress_every
-        )
-        summary = outputs.summarize(scene, result)
-        summary["checkpoint"] = str(predictor.source)
-        summary["precision"] = str(dtype or torch.float32).removeprefix("torch.")
-        summary["predict_seconds"] = round(time.perf_counter() - started, 3)
-        if truth is not None:
-            summary["truth"] = tile_accuracy(result, truth)
-        return _write_map(target, scene, result, predictor, summary)
+        how = (batch_size, tta, progress and dist.main, dtype, progress_every, dist, beat)
+        result = predict_scene(predictor, scene, grid, *how)
+
+        def write() -> dict[str, Any] | None:
+            if result is None:  # another rank's: rank 0 writes the map
+                return None
+            summary = _summary(predictor, scene, result, dtype, started)
+            if truth is not None:
+                summary["truth"] = tile_accuracy(result, truth)
+            return _write_map(target, scene, result, predictor, summary)
+
+        return exchange(dist, write)[0]
     finally:
         scene.close()
+
+
+def _summary(
+    predictor: Predictor,
+    scene: Scene,
+    result: MapResult,
+    dtype: torch.dtype | None,
+    started: float,
+) -> dict[str, Any]:
+    """The map's summary, with the checkpoint, the precision and the seconds since ``started``."""
+    summary = outputs.summarize(scene, result)
+    summary["checkpoint"] = str(predictor.source)
+    summary["precision"] = str(dtype or torch.float32).removeprefix("torch.")
+    summary["predict_seconds"] = round(time.perf_counter() - started, 3)
+    return summary
 
 
 def plan_map(
@@ -145,16 +183,17 @@ def plan_map(
     max_pixels: int | None = None,
     max_windows: int | None = None,
     **options: Any,
-) -> Target:
-    """Every check :func:`map_scene` makes before it predicts a window, and no more: the output
-    folder as a :class:`~.folder.Target`, whose record says what the map is made from.
-    ``options`` are map_scene's (tile, tile_m, stride, tta, amp, tiles, probabilities, truth)."""
+) -> tuple[Grid, Target]:
+    """Every check :func:`map_scene` makes before it predicts a window, and no more: the grid
+    of windows, and the output folder as a :class:`~.folder.Target`, whose record says what
+    the map is made from. ``options`` are map_scene's (tile, tile_m, stride, tta, amp, tiles,
+    probabilities, truth)."""
     _check_probabilities(options.get("probabilities", False))
     defaults = {"tile": None, "tile_m": None, "stride": None, "tta": False, "amp": "off"}
     defaults |= {"tiles": "csv", "probabilities": False, "truth": None}
     scene = open_scene(scene_path, max_pixels)
     try:
-        return _plan(predictor, scene, out, defaults | options, max_windows, force)[1]
+        return _plan(predictor, scene, out, defaults | options, max_windows, force)
     finally:
         scene.close()
 
@@ -189,6 +228,8 @@ def _plan(
         "probabilities": options["probabilities"],
         "truth": None if truth is None else str(Path(truth).resolve()),
     }
+    if scene.stack is not None:  # other band files, bands or resampling make another map
+        settings["bands"] = scene.stack.record()
     record = scene_record(scene.path, settings, _checkpoint_file(predictor))
     return grid, check_target(out, scene.path, record, force)
 
@@ -207,7 +248,8 @@ def _write_map(
     target: Target, scene: Scene, result: MapResult, predictor: Predictor, summary: dict
 ) -> dict[str, Any]:
     """Every file of the map, written in a folder that is put in place whole once they all
-    are; the summary as written (its record of the scene and settings aside)."""
+    are; the summary as written (its record of the scene and settings and the files'
+    checksums aside)."""
     settings = target.record["settings"]
     with staged(target) as folder:
         files = [outputs.write_class_raster(folder, scene, result)]
@@ -219,7 +261,9 @@ def _write_map(
         files.append(outputs.write_overlay(folder, scene, result, title, predictor.pre))
         summary["files"] = [str(target.out / p.name) for p in files]
         summary = outputs.finite(summary)
-        outputs.write_json(folder / "summary.json", {**summary, RECORD: target.record})
+        checksums = {p.name: checksum(p) for p in files}
+        aside = {CHECKSUMS: checksums, RECORD: target.record}
+        outputs.write_json(folder / "summary.json", {**summary, **aside})
     return summary
 
 

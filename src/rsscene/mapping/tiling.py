@@ -3,24 +3,28 @@
 Windows of ``tile`` source pixels start every ``stride`` pixels; the map has one cell per
 ``stride`` x ``stride`` block, and a cell covered by several overlapping windows takes the mean
 of their probabilities. Windows that are mostly nodata are skipped and their cells marked as
-nodata. Reading the next batch of windows overlaps with the model's work on this one.
+nodata. Reading the next batch of windows overlaps with the model's work on this one. Under
+torchrun the ranks predict blocks of the batches, and rank 0 sums them (:func:`predict_scene`).
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from rsscene.data.bands import Preprocess
+from rsscene.device import Dist
 from rsscene.errors import UserError
 from rsscene.inference import Predictor
+from rsscene.mapping.ranks import block, exchange
 from rsscene.mapping.scenes import Scene, window_image
 
 # The smallest window, in source pixels.
@@ -130,7 +134,7 @@ def _read_batch(
             valid = valid & np.isfinite(pixels).all(0)
         if 1.0 - valid.mean() > MAX_NODATA_SHARE:
             continue
-        images.append(window_image(pixels, pre, str(scene.path), scene.names))
+        images.append(window_image(pixels, scene.pick(pre), pre.size, str(scene.path), scene.names))
         kept.append((i, j))
     return images, kept, len(cells) - len(kept)
 
@@ -167,24 +171,65 @@ class Progress:
             self.bar.close()
 
 
-def _add_batch(
-    result: MapResult, kept: list[tuple[int, int]], probs: np.ndarray, scene: Scene, amp: str
+def _check_finite(
+    kept: list[tuple[int, int]], probs: np.ndarray, scene: Scene, grid: Grid, amp: str
 ) -> None:
-    """Sum a batch's probabilities into its cells; non-finite ones (a diverged model, fp16
-    overflow) are refused rather than written as NaN or as a class they do not support."""
+    """Refuse non-finite probabilities (a diverged model, fp16 overflow) rather than write
+    them as NaN or as a class they do not support."""
     bad = ~np.isfinite(probs).all(1)
     if bad.any():
         i, j = kept[int(bad.argmax())]
-        s = result.grid.stride
+        s = grid.stride
         raise UserError(
             f"{scene.path}: the model gave non-finite probabilities for the window at pixel"
             f" ({j * s}, {i * s}) in {amp}"
             + ("; --amp off predicts in float32" if amp != "float32" else "")
         )
+
+
+# A predicted batch: its windows' first cells, their probabilities, windows skipped as nodata.
+Part = tuple[list[tuple[int, int]], np.ndarray, int]
+
+
+def _add_batch(result: MapResult, part: Part) -> None:
+    """Sum a batch's probabilities into its cells, window after window."""
+    kept, probs, skipped = part
     span = result.grid.span
     for (i, j), p in zip(kept, probs, strict=True):
         result.prob_sum[i : i + span, j : j + span] += p
         result.hits[i : i + span, j : j + span] += 1
+    result.windows += len(kept)
+    result.skipped += skipped
+
+
+def _predict_batches(
+    predictor: Predictor,
+    scene: Scene,
+    grid: Grid,
+    batches: list[list[tuple[int, int]]],
+    tta: bool,
+    amp: torch.dtype | None,
+    bar: Progress,
+    take: Callable[[Part], None],
+    beat: Callable[[], None] | None,
+) -> None:
+    """Predict ``batches`` in order, reading the next while the model runs; each batch to
+    ``take``, then ``beat`` (the ranks waiting for this one hear that it works)."""
+    precision = str(amp or torch.float32).removeprefix("torch.")
+    with ThreadPoolExecutor(1) as reader:
+        pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.pre)
+        for n in range(len(batches)):
+            images, kept, skipped = pending.result()
+            if n + 1 < len(batches):
+                pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
+            probs = np.zeros((0, len(predictor.classes)), np.float32)
+            if len(kept):
+                probs = predictor.probabilities(images, tta=tta, amp=amp).numpy()
+                _check_finite(kept, probs, scene, grid, precision)
+            take((kept, probs, skipped))
+            bar.update(len(kept) + skipped)
+            if beat is not None:
+                beat()
 
 
 def predict_scene(
@@ -196,37 +241,51 @@ def predict_scene(
     progress: bool = False,
     amp: torch.dtype | None = None,
     progress_every: float = PROGRESS_EVERY,
-) -> MapResult:
+    dist: Dist | None = None,
+    beat: Callable[[], None] | None = None,
+) -> MapResult | None:
     """Predict every window in batches, reading the next batch while the model runs; in
     ``amp`` precision when given (float32 otherwise, as ``predict``). ``progress``: a bar on a
-    terminal, else a line every ``progress_every`` seconds."""
+    terminal, else a line every ``progress_every`` seconds. ``beat`` is called after each batch.
+
+    Under torchrun (``dist``), each rank predicts a contiguous block of the batches one
+    process forms, and rank 0 adds every rank's windows into the sums in one process's
+    order, so that the map is the same bit for bit; the other ranks return None."""
+    dist = dist or Dist()
     k = len(predictor.classes)
     check_capacity(scene, grid, k)
-    result = MapResult(
-        grid,
-        list(predictor.classes),
-        np.zeros((grid.rows, grid.cols, k), np.float32),
-        np.zeros((grid.rows, grid.cols), np.uint32),
-    )
     if amp is not None:
         predictor.model.to(memory_format=torch.channels_last)  # once, not per batch
     order = list(grid.windows())
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
-    bar = Progress(len(order), progress, progress_every)
-    precision = str(amp or torch.float32).removeprefix("torch.")
-    with ThreadPoolExecutor(1) as reader:
-        pending = reader.submit(_read_batch, scene, grid, batches[0], predictor.pre)
-        try:
-            for n in range(len(batches)):
-                images, kept, skipped = pending.result()
-                if n + 1 < len(batches):
-                    pending = reader.submit(_read_batch, scene, grid, batches[n + 1], predictor.pre)
-                if len(kept):
-                    probs = predictor.probabilities(images, tta=tta, amp=amp).numpy()
-                    _add_batch(result, kept, probs, scene, precision)
-                result.windows += len(kept)
-                result.skipped += skipped
-                bar.update(len(kept) + skipped)
-        finally:
-            bar.close()
+    mine = [batches[n] for n in block(len(batches), dist.rank, dist.world)]
+    result = None
+    if dist.main:
+        cells = (grid.rows, grid.cols)
+        result = MapResult(
+            grid,
+            list(predictor.classes),
+            np.zeros((*cells, k), np.float32),
+            np.zeros(cells, np.uint32),
+        )
+    own: list[Part] = []  # another rank's batches, for rank 0
+
+    def work() -> list[Part]:
+        if mine:
+            bar = Progress(sum(map(len, mine)), progress, progress_every)
+            # Rank 0's block comes first in one process's order: it adds it as it goes.
+            take = own.append if result is None else partial(_add_batch, result)
+            try:
+                _predict_batches(
+                    predictor, scene, grid, mine, tta, amp, bar, take, beat or dist.beat
+                )
+            finally:
+                bar.close()
+        return own
+
+    parts = exchange(dist, work)
+    if result is not None:
+        for rank_parts in parts[1:]:
+            for part in rank_parts:
+                _add_batch(result, part)
     return result
