@@ -1,5 +1,6 @@
-"""What a map writes: the class raster (GeoTIFF with the scene's CRS, or PNG), probabilities,
-an overlay with a legend, the cells as CSV or GeoJSON, and a summary with area per class."""
+"""What a map writes: the class raster (a cloud-optimised GeoTIFF with the scene's CRS, or
+PNG), probabilities, an overlay with a legend, the cells as CSV or GeoJSON, and a summary with
+area per class."""
 
 from __future__ import annotations
 
@@ -20,6 +21,12 @@ from rsscene.mapping.scenes import Scene, as_rgb8
 from rsscene.mapping.tiling import NODATA_CLASS, MapResult
 
 PREVIEW_SIDE = 1200
+# classes.tif and probabilities.tif are cloud-optimised GeoTIFFs (GDAL's COG driver: tiled,
+# overviews inside, laid out for range reads). Their cells are windows, so a map is a few
+# hundred cells a side: 256-cell blocks (GDAL's default is 512) keep a small map in one block
+# and give one over 256 cells a side overviews, which the driver makes by halving until the
+# smallest fits in a block (its default OVERVIEW_COUNT), so a GIS zoomed out reads those.
+COG = {"driver": "COG", "blocksize": 256, "compress": "deflate", "overviews": "AUTO"}
 
 
 def finite(value: Any) -> Any:
@@ -83,7 +90,8 @@ def cell_bounds(scene: Scene, result: MapResult, row: int, col: int) -> tuple[fl
 
 
 def write_class_raster(out: Path, scene: Scene, result: MapResult) -> Path:
-    """``classes.tif`` (georeferenced, colour table, class names in its tags) or ``classes.png``."""
+    """``classes.tif`` (a georeferenced cloud-optimised GeoTIFF with mode overviews, a colour
+    table and the class names in its tags) or ``classes.png``."""
     classes, class_map = result.classes, result.class_map
     colours = palette(len(classes))
     if not scene.georeferenced:
@@ -105,7 +113,11 @@ def write_class_raster(out: Path, scene: Scene, result: MapResult) -> Path:
         "crs": scene.crs,
         "transform": cell_transform(scene, result.grid.stride),
         "nodata": NODATA_CLASS,
-        "compress": "deflate",
+        **COG,
+        # An overview cell takes the class most of its cells have (nodata left out); nearest
+        # would take one corner's. No predictor: differencing class indices made maps larger.
+        "overview_resampling": "MODE",
+        "predictor": "NO",
     }
     with _gdal_writing(path), rasterio.open(path, "w", **profile) as dst:
         dst.write(class_map, 1)
@@ -116,7 +128,8 @@ def write_class_raster(out: Path, scene: Scene, result: MapResult) -> Path:
 
 
 def write_probabilities(out: Path, scene: Scene, result: MapResult) -> Path:
-    """``probabilities.tif``: one float32 band per class (NaN where nothing was mapped)."""
+    """``probabilities.tif``: one float32 band per class (NaN where nothing was mapped), a
+    cloud-optimised GeoTIFF with averaged overviews."""
     import rasterio
 
     probs = result.probabilities.transpose(2, 0, 1).copy()
@@ -128,7 +141,11 @@ def write_probabilities(out: Path, scene: Scene, result: MapResult) -> Path:
         "count": len(result.classes),
         "dtype": "float32",
         "nodata": float("nan"),
-        "compress": "deflate",
+        **COG,
+        # The mean probability of the mapped cells beneath (NaN is nodata, left out); the
+        # floating-point predictor makes the file smaller.
+        "overview_resampling": "AVERAGE",
+        "predictor": "FLOATING_POINT",
     }
     if scene.georeferenced:
         profile.update(crs=scene.crs, transform=cell_transform(scene, result.grid.stride))
@@ -152,8 +169,9 @@ def write_overlay(
     from matplotlib.patches import Patch
 
     pixels = scene.preview(PREVIEW_SIDE)
-    if pre is not None and pre.bands is not None:
-        pixels = pixels[[b - 1 for b in pre.display or pre.bands[:3]]]
+    pick = scene.pick(pre) if pre is not None else None
+    if pick is not None:  # the display bands, wherever the scene holds them
+        pixels = pixels[[pick.indexes[i] - 1 for i in pre.display_bands()]]
     preview = Image.fromarray(as_rgb8(_stretched(pixels)).transpose(1, 2, 0))
     w, h = preview.size
     class_map, grid = result.class_map, result.grid
