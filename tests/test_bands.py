@@ -437,8 +437,10 @@ def test_bands_are_matched_by_name_when_the_files_carry_names(
     from rsscene.mapping.scenes import window_image
 
     reversed_names = [raster.names[i] for i in order]
-    w1 = window_image(raster.array, predictor.pre, "scene", raster.names)
-    w2 = window_image(raster.array[order], predictor.pre, "scene", reversed_names)
+    w1 = window_image(raster.array, predictor.pre.pick, predictor.pre.size, "scene", raster.names)
+    w2 = window_image(
+        raster.array[order], predictor.pre.pick, predictor.pre.size, "scene", reversed_names
+    )
     assert torch.equal(w1, w2)
     renamed = tmp_path / "renamed.tif"
     renamed.write_bytes(geotiff(raster.array, names=[f"X{i}" for i in range(13)]))

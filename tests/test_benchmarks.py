@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared_data
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 
 
@@ -109,22 +111,56 @@ def test_step_and_epoch_end_benchmarks_tiny():
         assert ratios[0] == 1.0 and all(r > 0 for r in ratios)
 
 
-def test_candidates_benchmark_reports_validation_not_test(tmp_path, scenes):
+def test_candidates_benchmark_sets_each_candidate_beside_timm_on_validation(tmp_path, scenes):
+    pytest.importorskip("timm", reason="the candidates are measured against timm's recipe")
     from rsscene.data.synthetic import generate
 
     other = tmp_path / "other"
     generate(other, per_class=10, size=40, seed=1)
     out = tmp_path / "select.json"
     argv = ["--data", str(scenes), str(other), "--candidates", "96px-27", "prog-64-28"]
-    argv += ["--epochs", "1", "--img-size", "32", "--workdir", str(tmp_path / "w")]
+    argv += ["--seeds", "2", "--epochs", "1", "--img-size", "32", "--workdir", str(tmp_path / "w")]
     stdout = run_benchmark("candidates.py", [*argv, "--json", str(out)])
-    rows = [line for line in stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].split("|")[2:4] == [f" {scenes.name} ", " other "]
-    assert len(rows) == 3 and "test_acc" not in stdout and "test accuracy" not in stdout
+    assert "test_acc" not in stdout and "test accuracy" not in stdout
     results = json.loads(out.read_text())
-    for by_data in results.values():
-        for repeats in by_data.values():
-            assert all(0 <= r["val_oa"] <= 1 and r["images"]["val"] > 0 for r in repeats)
+    assert set(results["repeats"]) == {"timm", "96px-27", "prog-64-28"}
+    for by_data in results["repeats"].values():
+        assert set(by_data) == {scenes.name, "other"}
+        assert all(len(repeats) == 2 for repeats in by_data.values())  # two seeds each
+        assert all(0 <= r["val_oa"] <= 1 for reps in by_data.values() for r in reps)
+    for d in (scenes.name, "other"):
+        rows = stdout.split(f"\n{d}\n\n")[1].splitlines()[2:5]
+        timm = results["table"]["timm"][d]["mean"]
+        assert rows[0].startswith("| timm train.py recipe |")
+        for row in rows[1:]:
+            cells = [c.strip() for c in row.split("|")[1:-1]]
+            mean = float(cells[1].split(" ± ")[0])
+            assert float(cells[3]) == pytest.approx(mean - timm, abs=0.11)  # the margin
+    assert "best worst case within 0.5x timm's time on every set:" in stdout
+
+
+def test_the_choice_is_the_best_worst_case_within_the_time_budget() -> None:
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from candidates import choose
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    def row(mean: float, seconds: float) -> dict:
+        return {"mean": mean, "std": 0.0, "seconds": seconds}
+
+    table = {
+        "timm": {"a": row(90, 100), "b": row(80, 100)},
+        "96px-27": {"a": row(99, 40), "b": row(79, 40)},  # best mean, loses on b
+        "112px-22": {"a": row(93, 45), "b": row(82, 45)},  # worst case +2
+        "128px-55": {"a": row(95, 90), "b": row(86, 90)},  # best worst case, too slow
+    }
+    best, scores = choose(table, budget=0.5)
+    assert best == "112px-22"
+    assert scores["96px-27"]["worst_set"] == "b" and scores["96px-27"]["worst_margin"] == -1
+    assert scores["128px-55"]["max_ratio"] == 0.9
+    assert choose(table, budget=1.0)[0] == "128px-55"
+    assert choose(table, budget=0.3)[0] is None
 
 
 def test_peer_ratios_tabulates_the_default_against_timm(tmp_path: Path) -> None:
@@ -144,3 +180,22 @@ def test_peer_ratios_tabulates_the_default_against_timm(tmp_path: Path) -> None:
     lines = table([both, alone, tmp_path / "absent.json"]).splitlines()
     assert lines[2:] == ["| aid5 | 95.0% | 90.0% | - | 0.25 |"]
     assert "no peer run finished" in table([alone])
+
+
+@pytest.mark.slow
+def test_eurosat_region_maps_a_stac_item_as_its_patch_files(tmp_path):
+    pytest.importorskip("rasterio", reason="the region is written as COGs (geo extra)")
+    pytest.importorskip("pystac", reason="the region is a STAC item (geo extra)")
+    data = shared_data("eurosat-ms")
+    out = tmp_path / "r.json"
+    tiny = ["--epochs", "1", "--img-size", "32", "--workdir", str(tmp_path / "w")]
+    stdout = run_benchmark("eurosat_region.py", ["--data", str(data), *tiny, "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    # The item's 13 COGs at 10 m hold the patches' own pixels: the map reads each patch's
+    # window as predict reads its file, to the class.
+    assert rows["10m"]["agrees_with_files"] == 1.0
+    assert rows["10m"]["accuracy"] == rows["files"]["accuracy"]
+    assert rows["10m"]["summary"]["tiles"] == 50
+    # At native resolution the 20 m and 60 m bands are other pixels: a map, with its own score.
+    assert 0.0 <= rows["native"]["accuracy"] <= 1.0
+    assert "| STAC item, 13 COGs at 10/20/60 m" in stdout

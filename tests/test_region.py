@@ -485,3 +485,52 @@ def test_sigterm_on_one_scene_leaves_no_partial_map(
     err = capsys.readouterr().err
     assert err == f"rsscene map: interrupted by SIGTERM; --out {out} is as it was\n"
     assert not (tmp_path / "maps").exists() and hidden(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- checksums
+# (issue 30, part 6: a scene whose files are not as summary.json's checksums say is remapped)
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_a_damaged_file_remaps_its_scene_and_says_which(
+    damage: str, model: Path, tmp_path: Path, predictions: list[str], capsys
+) -> None:
+    scenes, out = region_scenes(tmp_path / "scenes"), tmp_path / "out"
+    assert run_map(model, scenes, out) == 0
+    written = read_json(out / "a" / "summary.json")["checksums"]
+    assert sorted(written) == ["classes.tif", "overlay.png", "tiles.csv"]
+    tif = out / "a" / "classes.tif"
+    data = tif.read_bytes()
+    if damage == "truncated":
+        tif.write_bytes(data[: len(data) // 2])
+        reason = f"its classes.tif is truncated ({len(data) // 2:,} of {len(data):,} bytes)"
+    else:  # the same size, one byte changed
+        tif.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        reason = "its classes.tif was altered since it was written (its sha256 differs)"
+    capsys.readouterr()
+    predictions.clear()
+    assert run_map(model, scenes, out) == 0
+    assert predictions == ["a.tif"]
+    printed = capsys.readouterr().out
+    assert f"remapped (the earlier map was incomplete ({reason}))" in printed
+    assert printed.count("skipped (mapped earlier)") == 1 and "b.tif -> " in printed
+    assert (
+        tif.read_bytes() == data and read_json(out / "a" / "summary.json")["checksums"] == written
+    )
+    predictions.clear()
+    assert run_map(model, scenes, out) == 0
+    assert predictions == [] and hidden(out) == []
+
+
+def test_a_map_without_checksums_is_remapped(
+    model: Path, tmp_path: Path, predictions: list[str], capsys
+) -> None:
+    scenes, out = region_scenes(tmp_path / "scenes"), tmp_path / "out"
+    assert run_map(model, scenes, out) == 0
+    summary = read_json(out / "b" / "summary.json")
+    del summary["checksums"]  # as a map made before they were recorded
+    (out / "b" / "summary.json").write_text(json.dumps(summary))
+    capsys.readouterr()
+    predictions.clear()
+    assert run_map(model, scenes, out) == 0
+    assert predictions == ["b.tif"]
+    reason = "no checksum of its classes.tif was recorded"
+    assert f"remapped (the earlier map was incomplete ({reason}))" in capsys.readouterr().out

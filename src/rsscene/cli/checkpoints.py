@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rsscene.cli.args import (
     TTA_HELP,
@@ -18,8 +19,12 @@ from rsscene.cli.args import (
     show_bands,
     warn_skipped,
 )
-from rsscene.device import AMP_MODES
+from rsscene.device import AMP_MODES, Dist
 from rsscene.errors import UserError
+from rsscene.mapping.stack import RESAMPLING
+
+if TYPE_CHECKING:
+    from rsscene.inference import Predictor
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -189,11 +194,13 @@ def add_map(sub: argparse._SubParsersAction) -> None:
     add_checkpoint_args(p, batch_size=True, tta=TTA_HELP)
     p.add_argument(
         "scene",
-        nargs="+",
+        nargs="*",
         metavar="SCENE",
-        help="a GeoTIFF or any image rsscene reads; or several, folders of them, glob patterns",
+        help="a GeoTIFF or any image rsscene reads; or several, folders of them, glob patterns;"
+        " a STAC item or item collection (JSON)",
     )
     p.add_argument("--out", required=True, metavar="DIR")
+    add_band_file_args(p)
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--tile",
@@ -230,7 +237,44 @@ def add_map(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_map)
 
 
+def _open_on_rank(args: argparse.Namespace) -> tuple[Predictor, Dist]:
+    """CKPT's model on ``--device``; under torchrun, on this rank's device, in the job whose
+    ranks share the map (Gloo on the CPU, NCCL on CUDA with a GPU each)."""
+    from rsscene.device import select_device, setup
+    from rsscene.inference import Predictor
+
+    device = select_device(args.device)
+    dist = setup(device.type)
+    return Predictor(args.checkpoint, device=str(dist.device(device))), dist
+
+
+def add_band_file_args(parser: argparse.ArgumentParser) -> None:
+    """map's options for bands in separate files: a STAC item's assets, or --band-files."""
+    bands = parser.add_argument_group("bands in separate files (pip install 'rsscene[geo]')")
+    bands.add_argument(
+        "--assets",
+        nargs="+",
+        metavar="NAME",
+        help="a STAC item's band assets, by key or band name, in the model's band order"
+        " (default: the model's band names; red, green, blue or visual for an RGB model)",
+    )
+    bands.add_argument(
+        "--band-files",
+        nargs="+",
+        metavar="FILE",
+        help="one scene stacked from these files, in the model's band order, on the finest"
+        " file's grid",
+    )
+    bands.add_argument(
+        "--resampling",
+        choices=RESAMPLING,
+        default="bilinear",
+        help="how coarser bands meet the finest grid: bilinear (default) or nearest",
+    )
+
+
 def cmd_map(args: argparse.Namespace) -> int:
+    from rsscene.device import teardown
     from rsscene.errors import Interrupted
     from rsscene.mapping import format_summary, map_scene
     from rsscene.mapping.region import (
@@ -240,6 +284,7 @@ def cmd_map(args: argparse.Namespace) -> int:
         maps_a_region,
         stop_on_sigterm,
     )
+    from rsscene.mapping.stack import is_stac, with_stacks
 
     options = {
         "tile": args.tile,
@@ -254,22 +299,36 @@ def cmd_map(args: argparse.Namespace) -> int:
         "force": args.force,
         "progress": True,
     }
-    region = maps_a_region(args.scene)
-    if region:
-        collect_scenes(args.scene)  # a scene that is missing is said before the model loads
+    if not args.scene and not args.band_files:
+        raise UserError("give a SCENE (a file, folder, pattern or STAC item) or --band-files")
+    stacked = bool(args.band_files) or any(is_stac(s) for s in args.scene)
+    plain = [s for s in args.scene if not is_stac(s)]
+    # How many scenes a STAC file holds is known once it is read: a region unless one.
+    region = None if stacked else maps_a_region(plain)
+    if plain and (region or stacked):
+        collect_scenes(plain)  # a scene that is missing is said before the model loads
+    dist = Dist()
     try:
         with stop_on_sigterm():
-            predictor = open_predictor(args)
-            if not region:  # one file: its map in --out itself, as always
-                summary = map_scene(predictor, args.scene[0], args.out, **options)
-                print(format_summary(summary, args.out))
+            predictor, dist = _open_on_rank(args)
+            scenes = with_stacks(
+                args.scene, predictor.pre, args.assets, args.band_files, args.resampling
+            )
+            region = region or len(scenes) != 1
+            if not region:  # one scene: its map in --out itself, as always
+                summary = map_scene(predictor, scenes[0], args.out, dist=dist, **options)
+                if dist.main:  # every rank has the summary: one prints it
+                    print(format_summary(summary, args.out))
                 return 0
-            summary = map_region(predictor, args.scene, args.out, log=print, **options)
+            summary = map_region(predictor, scenes, args.out, log=print, dist=dist, **options)
     except Interrupted as e:
-        if region:
+        if region is not False:
             print(f"rsscene map: {e}", file=sys.stderr)
         else:
             print(f"rsscene map: {e}; --out {args.out} is as it was", file=sys.stderr)
         return 128 + e.signum
-    print(format_region(summary, args.out))
+    finally:
+        teardown()
+    if dist.main:
+        print(format_region(summary, args.out))
     return 0

@@ -8,12 +8,15 @@ fresh folder for the files, beside the output folder, and renames it into place 
 they are all written; an error or Ctrl-C removes it, and the earlier folder stays as it was.
 A folder that holds the scene itself (and nothing else but an earlier map), or is the
 working directory, stays: the files are written in a folder inside it and moved in, the
-earlier map's removed first and ``summary.json`` moved last.
+earlier map's removed first and ``summary.json`` moved last. ``summary.json`` records each
+file's size and sha256 (:func:`checksum`): :func:`earlier_map` takes a map whose file was
+truncated or altered since for an incomplete one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import secrets
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rsscene.errors import UserError
+from rsscene.mapping.remote import RemoteName, is_remote, remote_record, scene_name
 
 # Every name map writes; a folder holding these and nothing else is a map.
 MAP_FILES = frozenset(
@@ -39,6 +43,8 @@ MAP_FILES = frozenset(
 )
 # summary.json's key for the scene file and settings a map was made from.
 RECORD = "rsscene_map"
+# summary.json's key for the size and sha256 of each other file of the map, by name.
+CHECKSUMS = "checksums"
 # The folder a map is written into before it is renamed into place (inside the output folder
 # for a map beside its scene: a crash may leave one there, and the next map removes it).
 STAGE = ".rsscene-tmp-"
@@ -53,7 +59,7 @@ class Target:
 
     out: Path
     path: Path
-    scene: Path
+    scene: Path | RemoteName
     record: dict[str, Any]
     force: bool = False
 
@@ -61,7 +67,8 @@ class Target:
     def in_place(self) -> bool:
         # Renaming the working directory away would leave the user's shell in a deleted one.
         return self.path.is_dir() and (
-            _same(self.scene.parent, self.path) or _same(Path.cwd(), self.path)
+            (isinstance(self.scene, Path) and _same(self.scene.parent, self.path))
+            or _same(Path.cwd(), self.path)
         )
 
 
@@ -72,12 +79,24 @@ def file_record(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def checksum(path: Path) -> dict[str, Any]:
+    """A file's size and sha256 (read in chunks): what tells it was truncated or altered."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
 def scene_record(
     scene: str | Path, settings: dict[str, Any], checkpoint: str | Path | None = None
 ) -> dict[str, Any]:
-    """What recognises a map as made from this scene file (path, size, modification time) with
-    these settings, and by this ``checkpoint`` file: summary.json keeps it under :data:`RECORD`."""
-    record = {"scene": file_record(scene), "settings": settings}
+    """What recognises a map as made from this scene file (path, size, modification time; a
+    remote scene's :func:`~rsscene.mapping.remote.remote_record`) with these settings, and by
+    this ``checkpoint`` file: summary.json keeps it under :data:`RECORD`."""
+    here = remote_record(RemoteName(scene)) if is_remote(scene) else file_record(scene)
+    record = {"scene": here, "settings": settings}
     if checkpoint is not None:
         # The path alone is in the settings; a retrained last.pt keeps its path.
         record["checkpoint"] = file_record(checkpoint)
@@ -85,6 +104,8 @@ def scene_record(
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
+    if is_remote(a) or is_remote(b):  # no local file is a remote one
+        return False
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist
@@ -95,7 +116,7 @@ def check_target(out: str | Path, scene: str | Path, record: dict[str, Any], for
     """The folder ``out`` as a :class:`Target` for a map of ``scene``, or a one-line
     :class:`UserError` saying why not and what to do."""
     out = Path(out)
-    target = Target(out, out.resolve(), Path(scene).resolve(), record, force)
+    target = Target(out, out.resolve(), scene_name(scene).resolve(), record, force)
     path = target.path
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
@@ -201,7 +222,7 @@ def difference(record: Any, wanted: dict[str, Any]) -> tuple[str, str]:
     if scene != now:
         return "file", "the scene file changed since"
     settings, want = record.get("settings") or {}, wanted["settings"]
-    changed = [f"{k} {settings.get(k)} -> {v}" for k, v in want.items() if settings.get(k) != v]
+    changed = _changes(settings, want)
     if changed:
         return "settings", ", ".join(changed)
     if record.get("checkpoint") != wanted.get("checkpoint"):
@@ -209,6 +230,29 @@ def difference(record: Any, wanted: dict[str, Any]) -> tuple[str, str]:
             return "checkpoint", "a checkpoint file it did not record"
         return "checkpoint", f"an earlier version of the checkpoint {settings.get('checkpoint')}"
     return ("same", "") if record == wanted else ("settings", "unknown")
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Each setting that differs, as ``name old -> new``; within a group of settings (a
+    stack's bands), the members that differ, each value shortened to a line's part."""
+    changed = []
+    for k, v in new.items():
+        was = old.get(k)
+        if was == v:
+            continue
+        if isinstance(was, dict) and isinstance(v, dict):
+            changed += _changes(was, v, f"{prefix}{k}.")
+        else:
+            changed.append(f"{prefix}{k} {_short(was)} -> {_short(v)}")
+    return changed
+
+
+def _short(value: Any, width: int = 60) -> str:
+    """A value for a line: a list or group shortened (a path or number is said whole)."""
+    text = str(value)
+    if not isinstance(value, (list, dict)) or len(text) <= width:
+        return text
+    return text[: width - 1] + "…"
 
 
 @dataclass(frozen=True)
@@ -224,7 +268,8 @@ class Earlier:
 
 def earlier_map(target: Target) -> Earlier:
     """The map already in ``target``'s folder (checked by :func:`check_target`), if any: a map
-    of the same scene, settings and checkpoint whose files are all there needs no remaking."""
+    of the same scene, settings and checkpoint whose files are all there, as written (their
+    checksums), needs no remaking."""
     path = target.path
     if not path.is_dir() or not any(
         e.name in MAP_FILES and not _same(e.path, target.scene) for e in os.scandir(path)
@@ -241,8 +286,26 @@ def earlier_map(target: Target) -> Earlier:
     missing = [n for n in names if not (path / n).is_file()]
     if not names or missing:
         return Earlier("incomplete", f"its {', '.join(missing) or 'list of files'} is missing")
+    changed = _changed(path, names, summary.pop(CHECKSUMS, None))
+    if changed:
+        return Earlier("incomplete", changed)
     summary.pop(RECORD)
     return Earlier("same", "", summary)
+
+
+def _changed(folder: Path, names: list[str], checksums: Any) -> str:
+    """Which of the files ``names`` in ``folder`` is not as its recorded checksum says, and
+    how; "" when they all are."""
+    for name in names:
+        want = checksums.get(name) if isinstance(checksums, dict) else None
+        if not isinstance(want, dict) or not isinstance(want.get("bytes"), int):
+            return f"no checksum of its {name} was recorded"
+        size = (folder / name).stat().st_size
+        if size < want["bytes"]:
+            return f"its {name} is truncated ({size:,} of {want['bytes']:,} bytes)"
+        if size != want["bytes"] or checksum(folder / name)["sha256"] != want.get("sha256"):
+            return f"its {name} was altered since it was written (its sha256 differs)"
+    return ""
 
 
 def _new_folder(where: Path, prefix: str) -> Path:

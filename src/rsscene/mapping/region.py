@@ -11,7 +11,7 @@ an interrupted region continues with the same command), then writes in ``OUT``:
 and windows), one cell table for the region and ``classes.vrt``, a mosaic of the class
 GeoTIFFs where they share one CRS. Those are written under hidden names and renamed into
 place after every scene, region.json last, so that a region.json always describes the maps
-beside it.
+beside it. Under torchrun the ranks share the scenes, and rank 0 writes those files.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
 
 from rsscene.data.images import IMAGE_EXTENSIONS
+from rsscene.device import Dist
 from rsscene.errors import Interrupted, UserError
 from rsscene.inference import Predictor
 from rsscene.mapping.folder import (
@@ -47,8 +49,11 @@ from rsscene.mapping.folder import (
     read_summary,
 )
 from rsscene.mapping.outputs import write_json
+from rsscene.mapping.ranks import agree, exchange, share
+from rsscene.mapping.remote import RemoteName, is_remote, scene_name
 from rsscene.mapping.scenes import RASTER_SUFFIXES
-from rsscene.mapping.tiling import NODATA_CLASS
+from rsscene.mapping.stack import Stack, scene_label
+from rsscene.mapping.tiling import NODATA_CLASS, Grid
 
 # A folder's files that are scenes (hidden files, such as macOS's ._x.tif, are not).
 SCENE_SUFFIXES = tuple(sorted(set(RASTER_SUFFIXES) | set(IMAGE_EXTENSIONS)))
@@ -62,8 +67,8 @@ PENDING = ".rsscene-region-"
 
 # --------------------------------------------------------------------------- the scenes
 def _is_pattern(spec: str) -> bool:
-    # An existing name with brackets is a file, not a pattern.
-    return any(c in spec for c in GLOB_CHARS) and not Path(spec).exists()
+    # An existing name with brackets is a file, not a pattern; a URL's ? starts its query.
+    return not is_remote(spec) and any(c in spec for c in GLOB_CHARS) and not Path(spec).exists()
 
 
 def maps_a_region(specs: Sequence[str]) -> bool:
@@ -80,9 +85,12 @@ def _folder_scenes(folder: Path) -> list[Path]:
     )
 
 
-def _expand(spec: str) -> list[Path]:
+def _expand(spec: str) -> list[Path | RemoteName]:
     """The scene files one argument names: itself, a folder's rasters and images (sorted), or
-    what a glob pattern matches (sorted; ``**`` descends), expanded here so a quoted one works."""
+    what a glob pattern matches (sorted; ``**`` descends), expanded here so a quoted one works;
+    a remote raster's name (a URL or a GDAL network path) as it is, read once it is opened."""
+    if is_remote(spec):
+        return [RemoteName(spec)]
     path = Path(spec)
     if path.is_file():
         return [path]
@@ -106,50 +114,75 @@ def _expand(spec: str) -> list[Path]:
     return files
 
 
-def collect_scenes(specs: Sequence[str | Path]) -> list[Path]:
-    """Scene files from files, folders and glob patterns, in the order given; a one-line
-    :class:`UserError` for one that names nothing, or for a file named twice."""
-    scenes = [scene for spec in specs for scene in _expand(str(spec))]
-    seen: dict[tuple[int, int], Path] = {}
+def collect_scenes(specs: Sequence[str | Path | Stack]) -> list[Path | RemoteName | Stack]:
+    """Scene files from files, folders, glob patterns and remote names, in the order given, and
+    band stacks as they are; a one-line :class:`UserError` for one that names nothing, or for
+    a file named twice."""
+    scenes = [
+        scene
+        for spec in specs
+        for scene in ([spec] if isinstance(spec, Stack) else _expand(str(spec)))
+    ]
+    seen: dict[tuple[Any, ...], Path | RemoteName | Stack] = {}
     for scene in scenes:
-        stat = scene.stat()
-        first = seen.setdefault((stat.st_dev, stat.st_ino), scene)
+        if isinstance(scene, Stack):  # an item is its file and id, or its band files
+            key: tuple[Any, ...] = ("stack", str(scene.source), scene.name, scene.files)
+        elif isinstance(scene, RemoteName):  # a URL and its /vsicurl/ name are one file
+            key = ("remote", scene.gdal)
+        else:
+            stat = scene.stat()
+            key = (stat.st_dev, stat.st_ino)
+        first = seen.setdefault(key, scene)
         if first is not scene:
             how = "is given twice" if first == scene else f"and {first} are the same file"
-            raise UserError(f"{scene} {how}; give each scene once")
+            raise UserError(f"{scene_label(scene)} {how}; give each scene once")
     return scenes
 
 
-def folder_names(scenes: Sequence[Path]) -> list[str]:
-    """Each scene's folder in the region: its file's stem; where stems clash (letter case
-    aside, or with the region's own files), the folders above it, then its suffix, then a hash
-    of its path. The names depend on the set of scenes, not on their order."""
-    paths = [Path(s).resolve() for s in scenes]
+def folder_names(scenes: Sequence[str | Path]) -> list[str]:
+    """Each scene's folder in the region: its file's stem (a URL's file name's: ``scene`` for
+    ``https://host/x/scene.tif``); where stems clash (letter case aside, or with the region's
+    own files), the folders above it (a URL's scheme, host and folders), then its suffix, then
+    a hash of its path or URL. The names depend on the set of scenes, not on their order."""
+    paths = [_place(s) for s in scenes]
     names = [p.stem.lstrip(".") or "scene" for p in paths]
-    for rename in (_with_folders, _with_suffix, _with_hash):
-        keys = Counter(n.casefold() for n in names)
-        clashes = [
-            i for i, n in enumerate(names) if keys[n.casefold()] > 1 or n.casefold() in REGION_FILES
-        ]
-        if not clashes:
-            break
+    for rename in (_with_folders, _with_suffix):
+        clashes = _clashes(names)
         group = [paths[i] for i in clashes]
         for i in clashes:
             names[i] = rename(paths[i], names[i], group)
+    # Two URLs may differ in their query alone: the hash is of the whole name.
+    for i in _clashes(names):
+        key = str(scenes[i] if is_remote(scenes[i]) else paths[i])
+        names[i] = f"{names[i]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return names
 
 
-def _with_folders(path: Path, name: str, group: list[Path]) -> str:
+def _place(scene: str | Path | Stack) -> PurePath:
+    """Where a scene is, as a path: a file's, a URL's ``/scheme/host/path``; a STAC item's
+    id beside its item file (``<id>.item``), band files' first file's."""
+    if isinstance(scene, Stack):
+        if scene.source.suffix.lower() != ".json":
+            return _place(scene.source)
+        return _place(scene.source).parent / f"{scene.name}.item"
+    named = scene_name(scene)
+    return named.where if isinstance(named, RemoteName) else named.resolve()
+
+
+def _clashes(names: list[str]) -> list[int]:
+    keys = Counter(n.casefold() for n in names)
+    return [
+        i for i, n in enumerate(names) if keys[n.casefold()] > 1 or n.casefold() in REGION_FILES
+    ]
+
+
+def _with_folders(path: PurePath, name: str, group: list[PurePath]) -> str:
     common = Path(os.path.commonpath([p.parent for p in group]))
     return "-".join(path.relative_to(common).with_suffix("").parts) or name
 
 
-def _with_suffix(path: Path, name: str, group: list[Path]) -> str:
+def _with_suffix(path: PurePath, name: str, group: list[PurePath]) -> str:
     return f"{name}-{path.suffix.lstrip('.')}" if path.suffix else f"{name}-scene"
-
-
-def _with_hash(path: Path, name: str, group: list[Path]) -> str:
-    return f"{name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
 # --------------------------------------------------------------------------- the folder
@@ -169,7 +202,7 @@ def _is_map(folder: Path) -> bool:
 
 
 def check_region_folder(
-    out: Path, scenes: Sequence[Path], names: Sequence[str], force: bool
+    out: Path, scenes: Sequence[Path | RemoteName], names: Sequence[str], force: bool
 ) -> list[Path]:
     """Refuse an output folder that holds a scene, a single scene's map or anything but a
     region's files; the maps in it of scenes not in the region, which ``force`` removes."""
@@ -177,7 +210,11 @@ def check_region_folder(
     if path.exists() and not path.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
     for scene in scenes:
-        parent = scene.resolve().parent
+        if isinstance(scene, Stack):  # its item file (or first band file) is where it is
+            scene = scene.source
+        if is_remote(scene):  # never in a local folder
+            continue
+        parent = Path(scene).resolve().parent
         if parent == path:
             raise UserError(
                 f"--out {out}: is the folder of the scene {scene}; a region writes a folder per"
@@ -263,17 +300,17 @@ class Mapped:
 
 def _plan_scene(
     predictor: Predictor, scene: Path, folder: Path, force: bool, options: dict[str, Any]
-) -> tuple[Target, Earlier]:
-    """The scene's checks and what its folder holds; a map of another scene there is
-    replaced only with ``force``, settings or a checkpoint that changed always remap."""
+) -> tuple[Grid, Target, Earlier]:
+    """The scene's checks, its windows and what its folder holds; a map of another scene
+    there is replaced only with ``force``, settings or a checkpoint that changed always remap."""
     from rsscene.mapping import plan_map
 
-    target = plan_map(predictor, scene, folder, force=True, **options)
+    grid, target = plan_map(predictor, scene, folder, force=True, **options)
     earlier = earlier_map(target)
     if earlier.kind in ("other", "unknown") and not force:
         held = earlier.why if earlier.kind == "other" else "a map with " + earlier.why
         raise UserError(f"--out {folder}: holds {held}; --force replaces it")
-    return target, earlier
+    return grid, target, earlier
 
 
 def _why(earlier: Earlier) -> str:
@@ -295,40 +332,98 @@ def map_region(
     force: bool = False,
     progress: bool = False,
     log: Callable[[str], Any] | None = None,
+    dist: Dist | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Map every scene that ``scenes`` (files, folders, patterns) names into ``out/<stem>/``
     and write the region's files in ``out``; region.json's contents. ``options`` are
     :func:`~rsscene.mapping.map_scene`'s; ``log`` gets a line per scene. Ctrl-C or SIGTERM
-    raise :class:`Interrupted` saying how to continue (the same call)."""
+    raise :class:`Interrupted` saying how to continue (the same call).
+
+    Under torchrun (``dist``, every rank calling this alike), the ranks share the scenes,
+    balanced by the pixels of their windows (:func:`~.ranks.share`); every check runs on
+    every rank, and a refusal is raised on all, before anything is written; rank 0 clears
+    and, once every scene is mapped, writes the region's files; every rank returns them."""
     if options.get("truth") is not None:
         raise UserError("--truth compares the cells of one scene; map that scene alone")
+    dist, out = dist or Dist(), Path(out)
+    paths, names, stale, plans = agree(
+        dist, lambda: _check_region(predictor, scenes, out, force, options)
+    )
+    # Every check passed: nothing was written before this, nothing is refused after it.
+    changing = any(earlier.kind != "same" for *_, earlier in plans) or bool(stale)
+    agree(dist, lambda: _clear(out, stale, changing) if dist.main else None)
+    owners = share([_weight(grid, earlier) for grid, _, earlier in plans], dist.world)
+    done: list[Mapped] = []
+    try:
+        with stop_on_sigterm():
+            mine = (predictor, paths, names, plans, owners, dist, done, progress and dist.main)
+            found = exchange(dist, partial(_map_mine, *mine, log or _quiet, options))
+            mapped = [
+                Mapped(p, n, found[owners[i]][i])
+                for i, (p, n) in enumerate(zip(paths, names, strict=True))
+            ]
+            tiles = options.get("tiles", "csv")
+            region = exchange(dist, lambda: write_region(out, mapped, tiles) if dist.main else None)
+            return region[0]
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = f"{len(done)} of {len(paths)} scenes mapped"
+        if dist.enabled:
+            how = f"rank {dist.rank} had {len(done)} of its {owners.count(dist.rank)} scenes mapped"
+        raise Interrupted(
+            f"interrupted by {signal.Signals(signum).name} with {how} in {out}; the same"
+            " command continues from there",
+            signum,
+        ) from None
+
+
+def _check_region(
+    predictor: Predictor,
+    scenes: Sequence[str | Path],
+    out: Path,
+    force: bool,
+    options: dict[str, Any],
+) -> tuple[list[Path], list[str], list[Path], list[tuple[Grid, Target, Earlier]]]:
+    """Every check of a region, before anything is written: its scenes, their folders'
+    names, the maps in ``out`` of scenes left out, and each scene's plan."""
     paths = collect_scenes(scenes)
     names = folder_names(paths)
-    out = Path(out)
     stale = check_region_folder(out, paths, names, force)
     plans = [
         _plan_scene(predictor, p, out / n, force, options)
         for p, n in zip(paths, names, strict=True)
     ]
-    # Every check passed: nothing was written before this, nothing is refused after it.
-    _clear(out, stale, any(earlier.kind != "same" for _, earlier in plans) or bool(stale))
-    done: list[Mapped] = []
-    try:
-        with stop_on_sigterm():
-            for path, name, (target, earlier) in zip(paths, names, plans, strict=True):
-                summary = _map_one(predictor, path, target, earlier, progress, options)
-                done.append(Mapped(path, name, summary))
-                outcome = _outcome(earlier, summary)
-                (log or _quiet)(f"[{len(done)}/{len(paths)}] {path} -> {target.out}: {outcome}")
-            return write_region(out, done, options.get("tiles", "csv"))
-    except (KeyboardInterrupt, Interrupted) as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        raise Interrupted(
-            f"interrupted by {signal.Signals(signum).name} with {len(done)} of {len(paths)}"
-            f" scenes mapped in {out}; the same command continues from there",
-            signum,
-        ) from None
+    return paths, names, stale, plans
+
+
+def _weight(grid: Grid, earlier: Earlier) -> int:
+    """A scene's work: the pixels its windows read, none for a map that is kept."""
+    return 0 if earlier.summary is not None else grid.window_rows * grid.window_cols * grid.tile**2
+
+
+def _map_mine(
+    predictor: Predictor,
+    paths: list[Path],
+    names: list[str],
+    plans: list[tuple[Grid, Target, Earlier]],
+    owners: list[int],
+    dist: Dist,
+    done: list[Mapped],
+    progress: bool,
+    log: Callable[[str], Any],
+    options: dict[str, Any],
+) -> dict[int, dict[str, Any]]:
+    """This rank's scenes mapped (or kept), in the region's order; their summaries by index."""
+    rank = f" (rank {dist.rank})" if dist.enabled else ""
+    found = {}
+    for i, (path, name, (_, target, earlier)) in enumerate(zip(paths, names, plans, strict=True)):
+        if owners[i] == dist.rank:
+            found[i] = _map_one(predictor, path, target, earlier, progress, options, dist.beat)
+            done.append(Mapped(path, name, found[i]))
+            outcome = _outcome(earlier, found[i])
+            log(f"[{i + 1}/{len(paths)}] {scene_label(path)} -> {target.out}: {outcome}{rank}")
+    return found
 
 
 def _quiet(line: str) -> None:
@@ -342,13 +437,16 @@ def _map_one(
     earlier: Earlier,
     progress: bool,
     options: dict[str, Any],
+    beat: Callable[[], None],
 ) -> dict[str, Any]:
     """The scene's summary: its earlier map's, or a new map's."""
     from rsscene.mapping import map_scene
 
     if earlier.summary is not None:
         return earlier.summary
-    return map_scene(predictor, scene, target.out, force=True, progress=progress, **options)
+    return map_scene(
+        predictor, scene, target.out, force=True, progress=progress, beat=beat, **options
+    )
 
 
 def _outcome(earlier: Earlier, summary: dict[str, Any]) -> str:
@@ -414,7 +512,10 @@ def summarize_region(scenes: Sequence[Mapped]) -> dict[str, Any]:
 def _scene_entry(m: Mapped) -> dict[str, Any]:
     s = m.summary
     keys = ("crs", "size", "tile", "stride", "grid", "windows", "windows_skipped_nodata")
-    entry = {"folder": m.name, "scene": str(m.scene.resolve()), **{k: s[k] for k in keys}}
+    where = m.scene.source if isinstance(m.scene, Stack) else m.scene
+    entry = {"folder": m.name, "scene": str(where.resolve()), **{k: s[k] for k in keys}}
+    if isinstance(m.scene, Stack):
+        entry["bands"] = {"item": m.scene.name, "files": list(m.scene.files)}
     entry["cells"] = sum(v["cells"] for v in s["per_class"].values())
     entry["area_unit"] = s["area_unit"]
     return entry
