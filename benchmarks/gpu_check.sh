@@ -7,7 +7,9 @@
 # 2. benchmarks/throughput.py for ResNet-18 (batch 256) and ResNet-50 (batch 128) at 224;
 # 3. a 3-epoch rsscene training run of ResNet-18 at 224 (memory cache, on the GPU);
 # 4. one epoch with --cache disk (batches copied up from a memory map through pinned memory);
-# 5. a sync audit: host-device synchronisations per line of rsscene during training steps.
+# 5. a sync audit: host-device synchronisations per line of rsscene during training steps;
+# 6. timm's recipe, the tutorial's and the default on AID-5 and SIRI-WHU-12 (peer.py);
+# 7. rsscene map over one 8,000 px scene, where rasterio is installed.
 # Each part gets a time limit from what is left of the 8 minutes; a part that would start
 # with too little time is skipped and says so.
 set -uo pipefail
@@ -125,6 +127,16 @@ print(f"{sum(calls.values())} synchronising calls in 24 training steps, then eva
 for where, n in calls.most_common():
     print(f"{n:5d}  {where}")
 EOF
+
+# rsscene map on the GPU: tiles/s over one large scene, beside a per-tile loop (the geo extra:
+# rasterio writes and reads the GeoTIFF).
+if python -c "import rasterio" 2>/dev/null; then
+    run 120 "map: one 8,000 x 8,000 px scene (cuda where map's --device auto finds it)" \
+        python benchmarks/map.py --size 8000 --tile 256 --img-size 128 --batch-size 256
+else
+    log ""
+    log "## map: skipped: rasterio (pip install 'rsscene[geo]') is not installed"
+fi
 
 # The ratios in one table: the default's accuracy and whole-run time against timm's.
 python benchmarks/peer_ratios.py "$WORK"/peer-*.json | tee -a "$OUT"
