@@ -109,19 +109,20 @@ def run_timm(split: Path, out: Path, args: argparse.Namespace) -> list[dict]:
     for part, source in (("train", "train"), ("test", "val")):
         if not (view / part).exists():
             os.symlink((split / source).resolve(), view / part, target_is_directory=True)
+    # The candidates' device (the settings' default, auto): a time ratio compares like with like.
+    hp = {"epochs": args.epochs, "img_size": args.img_size, "workers": 0, "device": "auto"}
     repeats = []
     for seed in range(args.seeds):
         done = out / f"seed-{seed}" / "result.json"
-        if not done.is_file():
-            hp = argparse.Namespace(
-                epochs=args.epochs, img_size=args.img_size, seed=seed, workers=0, device="cpu"
-            )
+        if not done.is_file() or json.loads(done.read_text()).get("settings") != hp:
+            # A run kept from other settings (a smoke test's epochs) is run again.
             # peer.py prints each epoch's accuracy on "test/", here the validation part.
             with contextlib.redirect_stdout(io.StringIO()):
-                rows = peer_timm(view, hp, out / f"seed-{seed}")
+                rows = peer_timm(view, argparse.Namespace(seed=seed, **hp), out / f"seed-{seed}")
             result = {
                 "val_oa": rows[-1]["test_acc"],
                 "train_seconds": sum(r["seconds"] for r in rows),
+                "settings": hp,
             }
             done.write_text(json.dumps(result) + "\n")
         repeats.append(json.loads(done.read_text()))

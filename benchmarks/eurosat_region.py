@@ -68,7 +68,8 @@ def mosaic(cells: list[tuple[Path, str]]) -> tuple[np.ndarray, dict]:
         r, c = divmod(k, COLS)
         with rasterio.open(path) as src:
             region[:, r * PATCH : (r + 1) * PATCH, c * PATCH : (c + 1) * PATCH] = src.read()
-            crs, t = src.crs, src.transform
+    with rasterio.open(cells[0][0]) as first:
+        crs, t = first.crs, first.transform
     origin = Affine(PIXEL, 0, round(t.c, -3), 0, -PIXEL, round(t.f, -3))
     return region, {"crs": crs, "transform": origin}
 

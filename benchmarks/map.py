@@ -187,7 +187,7 @@ def region_scenes(folder: Path, count: int, size: int) -> float:
     done = folder / f"{count}x{size}.done"
     if not done.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("*.tif"):
+        for old in [*folder.glob("*.tif"), *folder.glob("*.done")]:  # another count or size
             old.unlink()
         for n in range(count):
             write_scene(

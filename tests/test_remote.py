@@ -304,3 +304,39 @@ def test_gdal_words_become_what_happened() -> None:
     timed_out = "CURL error: Operation timed out after 30001 milliseconds"
     assert remote_failure(failure(timed_out), True).startswith("network error (Operation timed")
     assert "header" in remote_failure(failure("not recognized as a supported format"), False)
+
+
+def test_remote_band_files_and_a_remote_stac_item_map_as_the_local_file(
+    model: Path, server: Server, tmp_path: Path
+):
+    pixels = scene_pixels(3)
+    local = cog(tmp_path / "rgb.tif", pixels)
+    urls = [
+        server.put(f"bands/{c}.tif", cog(tmp_path / f"{c}.tif", pixels[i : i + 1]))
+        for i, c in enumerate("rgb")
+    ]
+    common = ["--tile", "32", "--amp", "off"]
+    assert main(["map", str(model), str(local), "--out", str(tmp_path / "local"), *common]) == 0
+    out = tmp_path / "by-url"
+    assert main(["map", str(model), "--band-files", *urls, "--out", str(out), *common]) == 0
+    assert rows(out / "tiles.csv") == rows(tmp_path / "local" / "tiles.csv")
+    record = json.loads((out / "summary.json").read_text())["rsscene_map"]
+    assert record["scene"]["path"] == urls[0]  # the URL, its // kept
+    assert record["settings"]["bands"]["files"][1]["etag"]  # each band file's HEAD answer
+    item = {
+        "type": "Feature",
+        "stac_version": "1.0.0",
+        "id": "remote-item",
+        "geometry": None,
+        "properties": {"datetime": "2024-06-01T00:00:00Z"},
+        "links": [],
+        "assets": {
+            c: {"href": f"{c}.tif", "type": "image/tiff; application=geotiff"} for c in "rgb"
+        },
+    }
+    (tmp_path / "item.json").write_text(json.dumps(item))
+    item_url = server.put("bands/item.json", tmp_path / "item.json")  # hrefs beside it, remote
+    by_item = tmp_path / "by-item"
+    argv = ["map", str(model), item_url, "--assets", "r", "g", "b", "--out", str(by_item)]
+    assert main([*argv, *common]) == 0
+    assert rows(by_item / "tiles.csv") == rows(tmp_path / "local" / "tiles.csv")

@@ -235,7 +235,8 @@ def test_a_band_model_maps_band_files_and_a_stac_item_as_one_file_of_those_bands
     summary = json.loads((by_item / "summary.json").read_text())
     assert summary["rsscene_map"]["settings"]["bands"]["names"] == ["B04", "B03", "B02", "B08"]
     capsys.readouterr()
-    # Another order of the same assets is another map: remapped, not taken for the earlier one.
+    # Another order of the same assets is another map: not taken for the earlier one (one
+    # scene's --out is replaced only with --force).
     argv = ["map", model, str(item), "--assets", "B03", "B04", "B02", "B08", "--out", str(by_item)]
     assert main([*argv, *common]) == 2
     err = capsys.readouterr().err
@@ -300,3 +301,21 @@ def test_an_item_collection_maps_as_a_region_one_folder_per_item(tmp_path, capsy
     assert "items.json (item S2-1)" in capsys.readouterr().out
     assert main(argv) == 0  # the same command again: both kept
     assert capsys.readouterr().out.count("skipped (mapped earlier)") == 2
+
+
+def test_stacks_get_folders_of_their_own_and_one_given_twice_is_refused(tmp_path, bands):
+    from rsscene.mapping.region import collect_scenes, folder_names
+    from rsscene.mapping.stack import Stack
+
+    fine_path, coarse_path, _, _ = bands
+    files = (str(fine_path), str(coarse_path))
+    one = Stack(tmp_path / "a.json", "S2", files, ("x", "y"))
+    other = Stack(tmp_path / "b.json", "S2", files, ("x", "y"))  # another collection, same id
+    stacked = band_files([fine_path, coarse_path])  # beside B02.tif, named for it
+    names = folder_names(collect_scenes([one, other, stacked, str(fine_path)]))
+    assert len(set(names)) == 4 and names[:2] == ["a-S2", "b-S2"], names
+    again = Stack(tmp_path / "x" / ".." / "a.json", "S2", files, ("x", "y"))
+    with pytest.raises(
+        UserError, match=r"a.json \(item S2\) and .*a.json \(item S2\) are the same"
+    ):
+        collect_scenes([one, again])

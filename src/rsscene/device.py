@@ -192,7 +192,7 @@ class Dist:
                 if beats != heard[r][0] or self.store.check([keys[r]]):
                     heard[r] = (beats, now)
                 elif now - heard[r][1] > self.timeout:
-                    raise RuntimeError(
+                    raise UserError(
                         f"rank {r} of {self.world} was not heard from for {self.timeout:.0f} s"
                         " (RSSCENE_DIST_TIMEOUT_MIN sets the limit); this rank gives up"
                     )

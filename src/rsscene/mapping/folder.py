@@ -219,7 +219,10 @@ def difference(record: Any, wanted: dict[str, Any]) -> tuple[str, str]:
     scene, now = record["scene"], wanted["scene"]
     if scene.get("path") != now["path"]:
         return "other", f"a map of another scene ({scene.get('path')})"
-    if scene != now:
+    # A remote file whose server did not answer the HEAD request (now or then) cannot be
+    # told changed: remapping it every time would be the cost of one failed request.
+    unchecked = "changes" in scene or "changes" in now
+    if scene != now and not unchecked:
         return "file", "the scene file changed since"
     settings, want = record.get("settings") or {}, wanted["settings"]
     changed = _changes(settings, want)
@@ -229,7 +232,7 @@ def difference(record: Any, wanted: dict[str, Any]) -> tuple[str, str]:
         if record.get("checkpoint") is None:
             return "checkpoint", "a checkpoint file it did not record"
         return "checkpoint", f"an earlier version of the checkpoint {settings.get('checkpoint')}"
-    return ("same", "") if record == wanted else ("settings", "unknown")
+    return ("same", "") if {**record, "scene": now} == wanted else ("settings", "unknown")
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

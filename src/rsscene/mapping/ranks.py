@@ -8,7 +8,9 @@ waits for a rank that has stopped.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from rsscene.device import Dist
@@ -46,7 +48,8 @@ def exchange(dist: Dist, work: Callable[[], T]) -> list[T]:
         return [work()]
     failure: Exception | None = None
     try:
-        mine: tuple[bool, Any] = (True, work())
+        with _beating(dist):
+            mine: tuple[bool, Any] = (True, work())
     except Exception as e:  # any failure must reach the others, or they wait for this rank
         failure, mine = e, (False, str(e))
     dist.wait_for_all()
@@ -57,6 +60,28 @@ def exchange(dist: Dist, work: Callable[[], T]) -> list[T]:
         if not ok:
             raise UserError(f"rank {rank} of {dist.world} stopped: {value}")
     return [value for _, value in outcomes]
+
+
+@contextlib.contextmanager
+def _beating(dist: Dist, every: float = 5.0) -> Iterator[None]:
+    """Beats for this rank from a thread while it works between two meetings: its checks
+    (opening every scene, a HEAD request each, the earlier maps' checksums) and its writes
+    (COG overviews, a remote scene's preview) can outlast the timeout without a batch to beat
+    after. A process that dies stops beating; one hung inside a call beats on, and only
+    torchrun or the user stops it."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every):
+            dist.beat()
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def agree(dist: Dist, work: Callable[[], T]) -> T:

@@ -126,7 +126,7 @@ def collect_scenes(specs: Sequence[str | Path | Stack]) -> list[Path | RemoteNam
     seen: dict[tuple[Any, ...], Path | RemoteName | Stack] = {}
     for scene in scenes:
         if isinstance(scene, Stack):  # an item is its file and id, or its band files
-            key: tuple[Any, ...] = ("stack", str(scene.source), scene.name, scene.files)
+            key: tuple[Any, ...] = ("stack", str(_place(scene)), scene.files)
         elif isinstance(scene, RemoteName):  # a URL and its /vsicurl/ name are one file
             key = ("remote", scene.gdal)
         else:
@@ -134,7 +134,9 @@ def collect_scenes(specs: Sequence[str | Path | Stack]) -> list[Path | RemoteNam
             key = (stat.st_dev, stat.st_ino)
         first = seen.setdefault(key, scene)
         if first is not scene:
-            how = "is given twice" if first == scene else f"and {first} are the same file"
+            kind = "scene" if isinstance(scene, Stack) else "file"
+            how = f"and {scene_label(first)} are the same {kind}"
+            how = "is given twice" if first == scene else how
             raise UserError(f"{scene_label(scene)} {how}; give each scene once")
     return scenes
 
@@ -154,17 +156,21 @@ def folder_names(scenes: Sequence[str | Path]) -> list[str]:
     # Two URLs may differ in their query alone: the hash is of the whole name.
     for i in _clashes(names):
         key = str(scenes[i] if is_remote(scenes[i]) else paths[i])
+        if isinstance(scenes[i], Stack):
+            key += "\n" + "\n".join(scenes[i].files)
         names[i] = f"{names[i]}-{hashlib.sha1(key.encode()).hexdigest()[:8]}"
     return names
 
 
 def _place(scene: str | Path | Stack) -> PurePath:
     """Where a scene is, as a path: a file's, a URL's ``/scheme/host/path``; a STAC item's
-    id beside its item file (``<id>.item``), band files' first file's."""
+    ``<file stem>/<id>.item`` beside its item file; band files' first file's, as ``.bands``."""
     if isinstance(scene, Stack):
-        if scene.source.suffix.lower() != ".json":
-            return _place(scene.source)
-        return _place(scene.source).parent / f"{scene.name}.item"
+        source = _place(scene.source)
+        if source.suffix.lower() != ".json":  # band files: beside the first, another suffix
+            return source.with_suffix(".bands")
+        # An item in a folder named for its file: two collections may share an item id.
+        return source.parent / source.stem / f"{scene.name}.item"
     named = scene_name(scene)
     return named.where if isinstance(named, RemoteName) else named.resolve()
 
@@ -353,7 +359,10 @@ def map_region(
     # Every check passed: nothing was written before this, nothing is refused after it.
     changing = any(earlier.kind != "same" for *_, earlier in plans) or bool(stale)
     agree(dist, lambda: _clear(out, stale, changing) if dist.main else None)
-    owners = share([_weight(grid, earlier) for grid, _, earlier in plans], dist.world)
+    # Rank 0's view decides who maps what: another rank's HEAD request may have seen the
+    # remote scenes otherwise, and the ranks must agree on the owners.
+    weights = [_weight(grid, earlier) for grid, _, earlier in plans]
+    owners = share(dist.broadcast(weights), dist.world)
     done: list[Mapped] = []
     try:
         with stop_on_sigterm():

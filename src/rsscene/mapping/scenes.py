@@ -125,7 +125,7 @@ def open_scene(path: str | Path | Stack, max_pixels: int | None = None) -> Scene
     or band files stacked (a :class:`~rsscene.mapping.stack.Stack`); a scene over
     ``max_pixels`` is refused (the server's limit; the command has none for rasters)."""
     if isinstance(path, Stack):
-        return _open_stack(path)
+        return _sized(_open_stack(path), max_pixels)
     if is_remote(path):
         return _sized(_open_remote(RemoteName(str(path))), max_pixels)
     path = Path(path)
@@ -239,7 +239,12 @@ def _raster_scene(path: Path | RemoteName, src: Any, check: bool) -> Scene:
 
 def _open_stack(stack: Stack) -> Scene:
     """Band files on the finest one's grid, their bands in the order given: the model's."""
-    import rasterio
+    try:
+        import rasterio
+    except ModuleNotFoundError:
+        raise ImageError(
+            stack.label, 'band files are read by GDAL: pip install "rsscene[geo]"'
+        ) from None
 
     os.environ.setdefault("GDAL_CACHEMAX", "64")
     # Remote band files are read with the network settings a remote scene gets.

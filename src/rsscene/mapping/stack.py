@@ -43,7 +43,7 @@ class Stack:
     summary and the resume record name (the STAC item, or the first band file) and ``name``
     the scene's folder in a region."""
 
-    source: Path
+    source: Path | RemoteName
     name: str
     files: tuple[str, ...]
     names: tuple[str, ...]
@@ -84,9 +84,9 @@ def band_files(files: Sequence[str | Path], resampling: str = "bilinear") -> Sta
     """``--band-files``: each file's bands, in the order given, as one scene."""
     if len(files) < 2:
         raise UserError("--band-files: give two or more files, one per band (or group of bands)")
-    first = Path(files[0])
-    names = tuple(Path(f).stem for f in files)
-    return Stack(first, first.stem, tuple(_gdal_name(str(f)) for f in files), names, resampling)
+    named = [scene_name(str(f)) for f in files]  # a URL stays a URL (Path drops its //)
+    names = tuple(n.stem for n in named)
+    return Stack(named[0], names[0], tuple(_gdal_name(str(f)) for f in files), names, resampling)
 
 
 # --------------------------------------------------------------------------- STAC
@@ -238,8 +238,7 @@ class StackReader:
         from rasterio.vrt import WarpedVRT
 
         self.sources = list(files)
-        ref = min(self.sources, key=lambda s: abs(s.transform.a * s.transform.e))
-        self.ref = ref
+        self.ref = ref = finest(self.sources)
         self.dtype = np.result_type(*(s.dtypes[0] for s in self.sources))
         self.readers = [
             s
@@ -271,6 +270,11 @@ class StackReader:
     def close(self) -> None:
         for r in self.readers + self.sources:
             r.close()
+
+
+def finest(sources: Sequence[Any]) -> Any:
+    """The open file with the smallest pixels: the grid the others are warped onto."""
+    return min(sources, key=lambda s: abs(s.transform.a * s.transform.e))
 
 
 def _same_grid(a: Any, b: Any) -> bool:
@@ -321,7 +325,7 @@ def _check_grids(stack: Stack, sources: Sequence[Any]) -> None:
             f"{stack.label}: its band files are in different CRSs ({', '.join(sorted(crss))});"
             " reproject them to one first"
         )
-    ref = min(sources, key=lambda s: abs(s.transform.a * s.transform.e))
+    ref = finest(sources)
     for s in sources:
         if _disjoint(s.bounds, ref.bounds):
             raise UserError(f"{stack.label}: {s.name} does not overlap {ref.name}")
