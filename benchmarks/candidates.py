@@ -52,9 +52,10 @@ CANDIDATES = {
         "112 px, 22 epochs, tested at 128 px",
         {"img_size": 112, "epochs": 22, "eval_size": 128},
     ),
+    "112px-27": ("112 px, 27 epochs", {"img_size": 112, "epochs": 27}),
     "crop-96-27": (
-        "96 px random-resized crops (scale 0.35-1), 27 epochs",
-        {"img_size": 96, "epochs": 27, "augment": "crop", "crop_scale": (0.35, 1.0)},
+        "96 px random-resized crops (area 0.35-1), 27 epochs",
+        {"img_size": 96, "epochs": 27, "crop_scale": (0.35, 1.0)},
     ),
     "prog-64-28": (
         "64 px rising to 128 px from 50% to 85% of 28 epochs",
