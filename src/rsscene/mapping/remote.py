@@ -96,6 +96,11 @@ def is_remote(name: object) -> bool:
     return text.lower().startswith(("http://", "https://")) or text.startswith((CURL, *STORES))
 
 
+def gdal_path(name: str) -> str:
+    """The name GDAL opens for a path or URL: a URL through ``/vsicurl/``, others as given."""
+    return RemoteName(name).gdal if is_remote(name) else name
+
+
 def scene_name(name: str | Path) -> Path | RemoteName:
     """A scene's name as its kind keeps it: a :class:`RemoteName`, else a ``Path``."""
     return RemoteName(str(name)) if is_remote(name) else Path(name)

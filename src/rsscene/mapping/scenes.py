@@ -138,9 +138,7 @@ def open_scene(path: str | Path | Stack, max_pixels: int | None = None) -> Scene
         # uint8 and other pages as subdatasets: it would not refuse the same files).
         check_raster(str(path), raster_header(path))
     if path.suffix.lower() in RASTER_SUFFIXES:
-        # GDAL caches decoded blocks up to 5% of the machine's memory by default: a map reads
-        # each block once or twice, so a small cache keeps its memory bounded on any scene.
-        os.environ.setdefault("GDAL_CACHEMAX", "64")
+        _small_gdal_cache()
         try:
             import rasterio
         except ModuleNotFoundError:
@@ -185,6 +183,13 @@ def _open_raster(path: Path, rasterio: Any) -> Scene:
     return _raster_scene(path, src, check=src.driver != "GTiff")
 
 
+def _small_gdal_cache() -> None:
+    """GDAL caches decoded blocks up to 5% of the machine's memory by default: a map reads
+    each block once or twice, so a small cache keeps its memory bounded on any scene (a
+    user's own GDAL_CACHEMAX wins)."""
+    os.environ.setdefault("GDAL_CACHEMAX", "64")
+
+
 def _open_remote(name: RemoteName) -> Scene:
     """A remote raster opened through GDAL's network file systems, with the settings for
     reading over a network (:data:`~rsscene.mapping.remote.GDAL_OPTIONS`), and checked from
@@ -195,7 +200,7 @@ def _open_remote(name: RemoteName) -> Scene:
         raise ImageError(
             name, 'a remote scene is read by GDAL: pip install "rsscene[geo]"'
         ) from None
-    os.environ.setdefault("GDAL_CACHEMAX", "64")  # as for a local raster (open_scene)
+    _small_gdal_cache()
     options = gdal_options()
     try:
         with rasterio.Env(**options), warnings.catch_warnings():
@@ -246,7 +251,7 @@ def _open_stack(stack: Stack) -> Scene:
             stack.label, 'band files are read by GDAL: pip install "rsscene[geo]"'
         ) from None
 
-    os.environ.setdefault("GDAL_CACHEMAX", "64")
+    _small_gdal_cache()
     # Remote band files are read with the network settings a remote scene gets.
     options = gdal_options() if any(is_remote(f) for f in stack.files) else None
     with rasterio.Env(**(options or {})):

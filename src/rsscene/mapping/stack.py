@@ -25,6 +25,7 @@ from rsscene.errors import UserError
 from rsscene.mapping.folder import file_record
 from rsscene.mapping.remote import (
     RemoteName,
+    gdal_path,
     is_remote,
     remote_failure,
     remote_record,
@@ -75,18 +76,13 @@ def scene_label(scene: Any) -> str:
     return scene.label if isinstance(scene, Stack) else str(scene)
 
 
-def _gdal_name(href: str) -> str:
-    """A path or URL as GDAL opens it: http(s) through ``/vsicurl/`` (range requests)."""
-    return RemoteName(href).gdal if is_remote(href) else href
-
-
 def band_files(files: Sequence[str | Path], resampling: str = "bilinear") -> Stack:
     """``--band-files``: each file's bands, in the order given, as one scene."""
     if len(files) < 2:
         raise UserError("--band-files: give two or more files, one per band (or group of bands)")
     named = [scene_name(str(f)) for f in files]  # a URL stays a URL (Path drops its //)
     names = tuple(n.stem for n in named)
-    return Stack(named[0], names[0], tuple(_gdal_name(str(f)) for f in files), names, resampling)
+    return Stack(named[0], names[0], tuple(gdal_path(str(f)) for f in files), names, resampling)
 
 
 # --------------------------------------------------------------------------- STAC
@@ -223,7 +219,7 @@ def _choose(
             f" {', '.join(rasters) or 'none'})"
         )
     keys = [lookup[n.lower()] for n in names]
-    hrefs = tuple(_gdal_name(rasters[k].get_absolute_href() or rasters[k].href) for k in keys)
+    hrefs = tuple(gdal_path(rasters[k].get_absolute_href() or rasters[k].href) for k in keys)
     return hrefs, tuple(names)
 
 
