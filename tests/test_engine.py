@@ -6,6 +6,8 @@ import ast
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_config
 from rsscene.cli import RUN_FLAGS, build_parser, main
 from rsscene.config import TrainConfig
 from rsscene.data.datasets import BatchLoader, TrainData, list_images
@@ -177,6 +180,37 @@ def test_background_writes_keep_their_order_and_raise_a_failure_at_the_next_call
         writes.submit(lambda: done.append(3))
     assert done == [0, 1, 2]
     writes.wait()  # the failure was raised once
+
+
+# A run of tiny_config's settings in a process of its own, channels_last weights written after
+# every epoch; it prints the process's threads before training and after.
+THREADS_SCRIPT = """
+import json, os, sys
+import torch
+from rsscene.config import build
+from rsscene.engine.train import Trainer
+
+torch.set_num_threads(2)  # an OpenMP team of two, on any machine
+torch.ones(512, 512).sum()  # the training thread's team exists before the count
+trainer = Trainer.from_config(build(json.loads(sys.argv[1])), log=lambda *a: None)
+before = len(os.listdir("/proc/self/task"))
+trainer.fit()
+print(before, len(os.listdir("/proc/self/task")))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_the_checkpoint_writer_thread_starts_no_openmp_team(split: Path, tmp_path: Path) -> None:
+    """A torch operation in the writer thread starts a second OpenMP team, and on a CPU every
+    later training step was about a tenth slower: the writes add their own thread only."""
+    cfg = tiny_config(split, tmp_path / "run", epochs=3, save_interval=0, channels_last=True)
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT, json.dumps(cfg.to_dict())],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    before, after = map(int, done.stdout.split())
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert after == before + 1, done.stdout
 
 
 def test_the_recipe_optimizers_use_torch_fused_kernels_on_the_cpu() -> None:
