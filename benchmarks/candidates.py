@@ -53,6 +53,7 @@ CANDIDATES = {
         {"img_size": 112, "epochs": 22, "eval_size": 128},
     ),
     "112px-27": ("112 px, 27 epochs", {"img_size": 112, "epochs": 27}),
+    "112px-25": ("112 px, 25 epochs", {"img_size": 112, "epochs": 25}),
     "crop-96-27": (
         "96 px random-resized crops (area 0.35-1), 27 epochs",
         {"img_size": 96, "epochs": 27, "crop_scale": (0.35, 1.0)},
