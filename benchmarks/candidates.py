@@ -38,10 +38,10 @@ from rsscene.data.prepare import prepare
 # families: a higher resolution for many-class, fine-detail sets; testing above the training
 # resolution; longer schedules; timm's random-resized crops at milder scales.
 CANDIDATES = {
-    "128px-55": ("128 px, 55 epochs (the earlier CPU default)", {}),
+    "128px-55": ("128 px, 55 epochs (an earlier CPU default)", {}),
     "128px-30": ("128 px, 30 epochs", {"epochs": 30}),
     "128px-18": ("128 px, 18 epochs", {"epochs": 18}),
-    "96px-27": ("96 px, 27 epochs (the CPU default)", {"img_size": 96, "epochs": 27}),
+    "96px-27": ("96 px, 27 epochs (the earlier CPU default)", {"img_size": 96, "epochs": 27}),
     "96px-27-test128": (
         "96 px, 27 epochs, tested at 128 px",
         {"img_size": 96, "epochs": 27, "eval_size": 128},
@@ -57,6 +57,18 @@ CANDIDATES = {
     "crop-96-27": (
         "96 px random-resized crops (area 0.35-1), 27 epochs",
         {"img_size": 96, "epochs": 27, "crop_scale": (0.35, 1.0)},
+    ),
+    "prog-96-128-27": (
+        "96 px rising to 128 px from 50% to 85% of 27 epochs",
+        {"start_size": 96, "epochs": 27},
+    ),
+    "prog-96-128-25": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs (the CPU default)",
+        {"start_size": 96, "epochs": 25},
+    ),
+    "prog-80-128-27": (
+        "80 px rising to 128 px from 50% to 85% of 27 epochs",
+        {"start_size": 80, "epochs": 27},
     ),
     "prog-64-28": (
         "64 px rising to 128 px from 50% to 85% of 28 epochs",

@@ -146,11 +146,23 @@ def test_test_resolution_follows_the_crop() -> None:
     from rsscene.config import TrainConfig, resolve
 
     whole = resolve(TrainConfig(), "cpu")
-    assert (whole.crop_scale, whole.img_size, whole.eval_size) == ((1.0, 1.0), 96, 96)
+    assert (whole.crop_scale, whole.img_size, whole.eval_size) == ((1.0, 1.0), 128, 128)
     # Crops zoom in during training, so the full test image is shown larger to match.
     cropped = resolve(TrainConfig(crop_scale=(0.25, 1.0), img_size=128), "cpu")
     assert (cropped.img_size, cropped.eval_size) == (128, 160)
     assert resolve(TrainConfig(crop_scale=(0.25, 1.0), eval_size=144), "cpu").eval_size == 144
+
+
+def test_the_cpu_default_rises_from_96_to_128_px_unless_a_resolution_is_given() -> None:
+    cpu = resolve(build({}), "cpu")
+    assert (cpu.start_size, cpu.img_size, cpu.eval_size, cpu.epochs) == (96, 128, 128, 25)
+    sizes = [train_size(cpu, e) for e in range(cpu.epochs)]
+    assert sizes[:12] == [96] * 12 and sizes[-4:] == [128] * 4 and sizes == sorted(sizes)
+    # A given resolution is trained at throughout; a given start size rises to the default.
+    assert resolve(build({"img_size": 112}), "cpu").start_size is None
+    assert resolve(build({"start_size": 64}), "cpu").start_size == 64
+    gpu = resolve(build({}), "cuda")
+    assert (gpu.start_size, gpu.img_size, gpu.epochs) == (None, 192, 100)
 
 
 def test_config_file_sets_defaults_and_flags_override(split: Path, tmp_path: Path) -> None:
@@ -257,8 +269,8 @@ def test_the_progressive_schedule_holds_rises_in_16_px_steps_and_is_checked() ->
     assert [train_size(build({"img_size": 96, "epochs": 9}), e) for e in range(9)] == [96] * 9
     with pytest.raises(UserError, match="--start-size 160 is above --img-size 128"):
         resolve(build({"img_size": 128, "start_size": 160}), "cpu")
-    with pytest.raises(UserError, match="--start-size 112 is above --img-size 96"):
-        resolve(build({"start_size": 112}), "cpu")  # the CPU default's 96 px
+    with pytest.raises(UserError, match="--start-size 144 is above --img-size 128"):
+        resolve(build({"start_size": 144}), "cpu")  # the CPU default's 128 px
     with pytest.raises(UserError, match="--ramp"):
         build({"start_size": 64, "ramp": "0.9,0.5"})
 
