@@ -47,8 +47,8 @@ REFERENCE_BATCH = 64
 MIN_SIZE = 32
 OPTIMIZERS = tuple(OPTIMIZER_DEFAULTS)
 
-# Device-dependent defaults for the fields left at None. The CPU's resolution rises: the first
-# half of the epochs at 96 px cost less, the last ones at 128 px see the fine detail that
+# Device-dependent defaults for the fields left at None. The CPU's resolution rises: the early
+# epochs at 96 px cost less, the last ones at 128 px see the fine detail that
 # many-class sets need (chosen on three validation splits, docs/results.md). The start size
 # comes with the default resolution only: a given --img-size trains at that size throughout.
 DEVICE_DEFAULTS = {
