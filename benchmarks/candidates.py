@@ -66,6 +66,26 @@ CANDIDATES = {
         "96 px rising to 128 px from 50% to 85% of 25 epochs (the CPU default)",
         {"start_size": 96, "epochs": 25},
     ),
+    "prog-96-128-25-early": (
+        "96 px rising to 128 px from 40% to 75% of 25 epochs",
+        {"start_size": 96, "epochs": 25, "ramp": (0.4, 0.75)},
+    ),
+    "prog-96-128-24-earlier": (
+        "96 px rising to 128 px from 30% to 70% of 24 epochs",
+        {"start_size": 96, "epochs": 24, "ramp": (0.3, 0.7)},
+    ),
+    "prog-96-128-25-lr2e-3": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, AdamW lr 2e-3",
+        {"start_size": 96, "epochs": 25, "lr": 2e-3},
+    ),
+    "prog-96-128-25-lr4.5e-3": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, AdamW lr 4.5e-3",
+        {"start_size": 96, "epochs": 25, "lr": 4.5e-3},
+    ),
+    "prog-96-144-24": (
+        "96 px rising to 144 px from 60% to 90% of 24 epochs",
+        {"start_size": 96, "img_size": 144, "epochs": 24, "ramp": (0.6, 0.9)},
+    ),
     "prog-80-128-27": (
         "80 px rising to 128 px from 50% to 85% of 27 epochs",
         {"start_size": 80, "epochs": 27},
