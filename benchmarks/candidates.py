@@ -82,6 +82,22 @@ CANDIDATES = {
         "96 px rising to 128 px from 50% to 85% of 25 epochs, AdamW lr 4.5e-3",
         {"start_size": 96, "epochs": 25, "lr": 4.5e-3},
     ),
+    "prog-96-128-25-wd0.02": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, AdamW weight decay 0.02",
+        {"start_size": 96, "epochs": 25, "weight_decay": 0.02},
+    ),
+    "prog-96-128-25-b48": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, batch 48",
+        {"start_size": 96, "epochs": 25, "batch_size": 48},
+    ),
+    "prog-96-128-25-nojitter": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, no colour jitter",
+        {"start_size": 96, "epochs": 25, "jitter": 0.0},
+    ),
+    "prog-96-128-25-jitter0.2": (
+        "96 px rising to 128 px from 50% to 85% of 25 epochs, colour jitter 0.2",
+        {"start_size": 96, "epochs": 25, "jitter": 0.2},
+    ),
     "prog-96-144-24": (
         "96 px rising to 144 px from 60% to 90% of 24 epochs",
         {"start_size": 96, "img_size": 144, "epochs": 24, "ramp": (0.6, 0.9)},
