@@ -264,7 +264,10 @@ def print_region(args: argparse.Namespace, written: float, runs: dict, threads: 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.loop or args.map or args.region_map:
-        print(json.dumps(child(args)))
+        # One write of under PIPE_BUF bytes is atomic, so two torchrun ranks sharing a pipe
+        # cannot interleave their lines (print's separate writes of text and newline can).
+        sys.stdout.flush()
+        os.write(sys.stdout.fileno(), (json.dumps(child(args)) + "\n").encode())
         return 0
     if args.scenes:
         if args.workdir:
