@@ -10,6 +10,7 @@ call: cheap on a CPU and on a GPU alike.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,17 +30,18 @@ STD = (0.229, 0.224, 0.225)
 INPUT_LIMIT = 1e6
 
 # The dihedral group of the square as 2x2 matrices acting on (x, y): 4 rotations, then
-# the same after a horizontal flip. Index k matches :func:`dihedral`.
-_D4 = [
-    [[1, 0], [0, 1]],
-    [[0, 1], [-1, 0]],
-    [[-1, 0], [0, -1]],
-    [[0, -1], [1, 0]],
-    [[-1, 0], [0, 1]],
-    [[0, 1], [1, 0]],
-    [[1, 0], [0, -1]],
-    [[0, -1], [-1, 0]],
-]
+# the same after a horizontal flip. affine_grid maps output to input coordinates, so a warp
+# by the k-th is :func:`dihedral`'s inverse of k: rotations 1 and 3 trade places.
+_D4 = (
+    ((1, 0), (0, 1)),
+    ((0, 1), (-1, 0)),
+    ((-1, 0), (0, -1)),
+    ((0, -1), (1, 0)),
+    ((-1, 0), (0, 1)),
+    ((0, 1), (1, 0)),
+    ((1, 0), (0, -1)),
+    ((0, -1), (-1, 0)),
+)
 
 
 def to_device(x: Tensor, device: torch.device) -> Tensor:
@@ -51,6 +53,15 @@ def to_device(x: Tensor, device: torch.device) -> Tensor:
     if device.type == "cuda" and x.device.type == "cpu":
         return x.pin_memory().to(device, non_blocking=True)
     return x.to(device)
+
+
+@functools.cache
+def _constant(values: tuple, shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A small float32 table on ``device``, made once: building it on a GPU at every step
+    would be a host-to-device copy per step. Made outside inference mode even when first
+    asked for inside it, since training uses it too."""
+    with torch.inference_mode(False):
+        return to_device(torch.tensor(values, dtype=torch.float32).view(shape), device)
 
 
 def normalize(
@@ -65,9 +76,9 @@ def normalize(
     ±:data:`INPUT_LIMIT`: finite pixels give a finite input (NaN stays NaN)."""
     x = x.float().div_(scale)
     if enabled and mean is not None:
-        c = x.shape[1]
-        mean = to_device(torch.tensor(mean, dtype=torch.float32).view(1, c, 1, 1), x.device)
-        std = to_device(torch.tensor(std, dtype=torch.float32).view(1, c, 1, 1), x.device)
+        shape = (1, x.shape[1], 1, 1)
+        mean = _constant(tuple(map(float, mean)), shape, x.device)
+        std = _constant(tuple(map(float, std)), shape, x.device)
         x = x.sub_(mean).div_(std)
     # After the division: an overflow to +-inf there is clipped too.
     return x.clamp_(-INPUT_LIMIT, INPUT_LIMIT)
@@ -96,6 +107,9 @@ class Augment:
     flip (the tutorial's); ``jitter`` is the strength of brightness/contrast/saturation jitter
     for 8-bit RGB, and of per-band brightness/contrast for other bands (``rgb`` False).
     ``mean``, ``std`` and ``pixel_scale`` standardise the result (:func:`normalize`).
+
+    The draws come from ``generator`` on its own device: a CUDA generator keeps them on the
+    GPU (no copy from the host per step); a CPU one draws on the CPU, as on a CPU run.
     """
 
     size: int
@@ -133,8 +147,10 @@ class Augment:
         return normalize(x, self.normalize, self.mean, self.std, self.pixel_scale)
 
     def _affine(self, b: int, g: torch.Generator) -> Tensor:
+        on = g.device
+
         def uniform(lo: float, hi: float) -> Tensor:
-            return lo + (hi - lo) * torch.rand(b, generator=g)
+            return lo + (hi - lo) * torch.rand(b, generator=g, device=on)
 
         if self.crop:
             area = uniform(*self.scale)
@@ -143,17 +159,17 @@ class Augment:
             w = torch.sqrt(area * aspect).clamp(max=1.0)
             h = torch.sqrt(area / aspect).clamp(max=1.0)
         else:
-            w = h = torch.ones(b)
+            w = h = torch.ones(b, device=on)
         if self.dihedral:
-            k = torch.randint(0, 8, (b,), generator=g)
+            k = torch.randint(0, 8, (b,), generator=g, device=on)
         elif self.hflip:
-            k = torch.randint(0, 2, (b,), generator=g) * 4
+            k = torch.randint(0, 2, (b,), generator=g, device=on) * 4
         else:
-            k = torch.zeros(b, dtype=torch.long)
-        d = torch.tensor(_D4, dtype=torch.float32)[k]  # B x 2 x 2
+            k = torch.zeros(b, dtype=torch.long, device=on)
+        d = _constant(_D4, (8, 2, 2), on)[k]  # B x 2 x 2
         lin = d * torch.stack([w, h], 1).unsqueeze(1)  # D @ diag(w, h)
         extent = lin.abs().sum(2)  # half-size of the sampled box along x and y
-        centre = (2 * torch.rand(b, 2, generator=g) - 1) * (1 - extent).clamp(min=0)
+        centre = (2 * torch.rand(b, 2, generator=g, device=on) - 1) * (1 - extent).clamp(min=0)
         return torch.cat([lin, centre.unsqueeze(2)], 2)
 
     def _jitter(self, x: Tensor, g: torch.Generator) -> Tensor:
@@ -161,7 +177,8 @@ class Augment:
         s = self.jitter
 
         def factor() -> Tensor:
-            return to_device(1 + s * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1), x.device)
+            u = torch.rand(b, 1, 1, 1, generator=g, device=g.device)
+            return to_device(1 + s * (2 * u - 1), x.device)
 
         x = x * factor()
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -175,7 +192,7 @@ class Augment:
         b, c = x.shape[:2]
 
         def factor() -> Tensor:
-            u = torch.rand(b, c, 1, 1, generator=g)
+            u = torch.rand(b, c, 1, 1, generator=g, device=g.device)
             return to_device(1 + self.jitter * (2 * u - 1), x.device)
 
         x = x * factor()

@@ -285,6 +285,8 @@ def mix_batch(
     target = F.one_hot(y, num_classes).float()
     if mixup <= 0 and cutmix <= 0:
         return target
+    if g.device.type != "cpu":  # λ and the box are host numbers: drawn on a GPU, each would sync
+        g = torch.Generator().manual_seed(g.initial_seed())
     use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=g).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     gamma = torch.distributions.Gamma(torch.tensor([alpha, alpha]), torch.tensor([1.0, 1.0]))

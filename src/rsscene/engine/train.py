@@ -293,9 +293,9 @@ class Trainer:
         bar = tqdm(total=len(batches), initial=start, desc=desc, disable=not shown, leave=False)
         t0 = time.perf_counter()
         for step, batch in enumerate(self.data.train.batches(batches[start:]), start=start):
-            g = torch.Generator().manual_seed(
-                recipe.step_seed(self.cfg.seed, epoch, step, self.dist.rank)
-            )
+            # On a GPU the augmentation's draws are made there, from a generator of its own.
+            g = torch.Generator(self.device if self.device.type == "cuda" else "cpu")
+            g.manual_seed(recipe.step_seed(self.cfg.seed, epoch, step, self.dist.rank))
             loss, logits = self.step(batch, g)
             tally.add(step, loss, logits, batch.labels)
             bar.update(1)
