@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rsscene.data.transforms import Augment, dihedral, normalize
-from rsscene.engine.recipe import mix_batch
+from rsscene.engine import recipe
 
 
 def test_the_warp_draws_the_eight_flips_and_rotations_that_dihedral_names() -> None:
@@ -35,6 +35,21 @@ def test_a_constant_first_made_in_inference_mode_still_serves_autograd() -> None
     )
 
 
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0), (0.4, 1.0)])
+def test_mixup_and_cutmix_mix_each_target_as_its_image(mixup: float, cutmix: float) -> None:
+    # Image i is filled with the value i and is of class i, so a mixed image's mean pixel is
+    # the class index its soft target averages to.
+    x = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 3, 16, 16).clone()
+    for seed in range(6):
+        mixed = x.clone()
+        target = recipe.mix_batch(
+            mixed, torch.arange(8), 8, mixup, cutmix, torch.Generator().manual_seed(seed)
+        )
+        torch.testing.assert_close(target.sum(1), torch.ones(8))
+        torch.testing.assert_close(mixed.mean((1, 2, 3)), target @ torch.arange(8.0))
+        assert not torch.equal(mixed, x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_the_draws_are_made_there_without_a_sync() -> None:
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
@@ -45,7 +60,7 @@ def test_on_a_gpu_the_draws_are_made_there_without_a_sync() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = warp(x, g)
-        target = mix_batch(out, y, 4, 0.0, 0.0, g)
+        target = recipe.mix_batch(out, y, 4, 0.0, 0.0, g)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert out.device.type == target.device.type == "cuda"

@@ -306,5 +306,6 @@ def mix_batch(
         x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
-        x.mul_(lam).add_(x[perm] * (1 - lam))
+        other = x[perm].mul_(1 - lam)  # gathered before x is scaled in place, not after
+        x.mul_(lam).add_(other)
     return target * lam + target[perm.to(target.device)] * (1 - lam)
