@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rsscene.data import transforms
 from rsscene.data.transforms import Augment, dihedral, normalize
 from rsscene.engine import recipe
 
@@ -51,16 +52,24 @@ def test_mixup_and_cutmix_mix_each_target_as_its_image(mixup: float, cutmix: flo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_on_a_gpu_the_draws_are_made_there_without_a_sync() -> None:
+def test_on_a_gpu_augmenting_and_mixing_neither_sync_nor_copy_up(monkeypatch) -> None:
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, device="cuda")
     y = torch.randint(0, 4, (8,), device="cuda")
     warp = Augment(24, scale=(0.5, 1.0), jitter=0.1)
-    g = torch.Generator("cuda").manual_seed(3)
-    warp(x, g)  # the first call builds the constants on the GPU
+    warp(x, torch.Generator("cuda").manual_seed(3))  # the first call makes the tables there
+
+    def no_copy_up(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        assert t.device.type != "cpu", f"a {tuple(t.shape)} tensor copied up from the host"
+        return t.to(device)
+
+    monkeypatch.setattr(transforms, "to_device", no_copy_up)
+    monkeypatch.setattr(recipe, "to_device", no_copy_up)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = warp(x, g)
-        target = recipe.mix_batch(out, y, 4, 0.0, 0.0, g)
+        for mixup, cutmix in [(0.0, 0.0), (0.2, 0.0), (0.0, 1.0)]:
+            g = torch.Generator("cuda").manual_seed(4)
+            out = warp(x, g)
+            target = recipe.mix_batch(out, y, 4, mixup, cutmix, g)
+            assert out.device.type == target.device.type == "cuda"
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert out.device.type == target.device.type == "cuda"

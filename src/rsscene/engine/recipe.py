@@ -281,26 +281,30 @@ def epoch_batches(
 def mix_batch(
     x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float, g: torch.Generator
 ) -> Tensor:
-    """Mixup or CutMix (one of them per batch, chosen at random) in place on ``x``; soft targets."""
+    """Mixup or CutMix (one of them per batch, chosen at random) in place on ``x``; soft targets.
+
+    With ``g`` on a GPU the permutation is drawn there, and the choice, λ and the box (host
+    numbers, which a GPU draw would have to be synchronised for) come from a host generator
+    seeded with ``g``'s seed: so give each batch a freshly seeded ``g``, as the Trainer does.
+    """
     target = F.one_hot(y, num_classes).float()
     if mixup <= 0 and cutmix <= 0:
         return target
-    if g.device.type != "cpu":  # λ and the box are host numbers: drawn on a GPU, each would sync
-        g = torch.Generator().manual_seed(g.initial_seed())
-    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=g).item() < 0.5)
+    host = g if g.device.type == "cpu" else torch.Generator().manual_seed(g.initial_seed())
+    use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=host).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
     gamma = torch.distributions.Gamma(torch.tensor([alpha, alpha]), torch.tensor([1.0, 1.0]))
     # Seed a private RNG for the Beta draw: torch.distributions only samples from the global one.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=host)))
         a, b = gamma.sample().tolist()
     lam = a / (a + b)
-    perm = to_device(torch.randperm(x.shape[0], generator=g), x.device)
+    perm = to_device(torch.randperm(x.shape[0], generator=g, device=g.device), x.device)
     if use_cutmix:
         h, w = x.shape[-2:]
         ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-        cy = int(torch.randint(0, h, (1,), generator=g))
-        cx = int(torch.randint(0, w, (1,), generator=g))
+        cy = int(torch.randint(0, h, (1,), generator=host))
+        cx = int(torch.randint(0, w, (1,), generator=host))
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, w)
         x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
