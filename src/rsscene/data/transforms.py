@@ -166,7 +166,8 @@ class Augment:
             k = torch.randint(0, 2, (b,), generator=g, device=on) * 4
         else:
             k = torch.zeros(b, dtype=torch.long, device=on)
-        d = _constant(_D4, (8, 2, 2), k.device)[k]  # B x 2 x 2; k's device names its GPU, g's may not
+        # B x 2 x 2, from the table on k's device: it names its GPU, a CUDA generator's may not.
+        d = _constant(_D4, (8, 2, 2), k.device)[k]
         lin = d * torch.stack([w, h], 1).unsqueeze(1)  # D @ diag(w, h)
         extent = lin.abs().sum(2)  # half-size of the sampled box along x and y
         centre = (2 * torch.rand(b, 2, generator=g, device=on) - 1) * (1 - extent).clamp(min=0)
