@@ -1,5 +1,6 @@
 """The training step's own ceiling: images/s of one step on tensors already in memory (no
-data pipeline), for each optimizer implementation and with ``torch.compile``, side by side.
+data pipeline), for each optimizer implementation, with oneDNN's own weight gradient for the
+3x3 convs on small maps (``rsscene.models.conv``) and with ``torch.compile``, side by side.
 
     python benchmarks/step.py                      # ResNet-18, 128 px, batch 64, bf16 if fast
     python benchmarks/step.py --img-size 224 --rounds 5
@@ -8,7 +9,9 @@ Every variant trains the same model from the same weights on the same batch; the
 take turns, one timed block each per round, so that a noisy neighbour slows all of them
 alike. ``torch.compile``'s compile time is measured apart (its first steps) and turned into
 the number of steps after which it has paid for itself. Inference (``predict``'s batch of
-twice the training batch, no gradients) is timed eager and compiled the same way.
+twice the training batch, no gradients) is timed eager and compiled the same way. Then, per
+3x3 conv shape of the model at this size, the weight gradient alone: oneDNN's against the
+convolution over the batch that ``rsscene.models.conv.Conv2d`` takes on small maps.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from rsscene.config import OPTIMIZER_DEFAULTS
 from rsscene.device import amp_dtype, autocast, select_device, synchronize
 from rsscene.engine.recipe import param_groups
 from rsscene.models import create_model
+from rsscene.models.conv import Conv2d
 
 # The AdamW implementations torch offers: a Python loop over the parameters (its default on
 # a CPU), one multi-tensor ("foreach") kernel per operation, and one fused kernel in all.
@@ -36,6 +40,7 @@ OPTIMIZERS = {
     "AdamW, foreach": {"foreach": True},
     "AdamW, fused": {"fused": True},
 }
+ONEDNN_GRADS = "AdamW, fused, oneDNN's weight gradients on small maps too"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,8 +66,13 @@ class Step:
         compiled: bool,
         amp: torch.dtype | None,
         device: torch.device,
+        small_map: int | None = None,
     ) -> None:
         self.model = copy.deepcopy(model)
+        if small_map is not None:
+            for m in self.model.modules():
+                if isinstance(m, Conv2d):
+                    m.small_map = small_map
         lr, wd = OPTIMIZER_DEFAULTS["adamw"]["lr"], OPTIMIZER_DEFAULTS["adamw"]["weight_decay"]
         groups = param_groups(self.model, wd, False)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, **options)
@@ -102,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     x = x.to(device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
     variants = {name: Step(model, opts, False, amp, device) for name, opts in OPTIMIZERS.items()}
+    variants[ONEDNN_GRADS] = Step(model, {"fused": True}, False, amp, device, small_map=0)
     if not args.no_compile:
         variants["torch.compile + AdamW, fused"] = Step(model, {"fused": True}, True, amp, device)
 
@@ -152,7 +163,48 @@ def main(argv: list[str] | None = None) -> int:
             extra = warm[name] - 2 * per
             repay = f"{extra / saved:.0f}" if saved > 0 else "never (slower)"
         print(f"| {name} | {batch / per:.1f} | {base / per:.2f} | {warm[name]:.1f} s | {repay} |")
+    weight_grads(model, x, amp, device, args)
     return 0
+
+
+def weight_grads(
+    model: nn.Module, x: torch.Tensor, amp: torch.dtype | None, device: torch.device, args
+) -> None:
+    """Per stride-1 3x3 conv shape the model meets on ``x``: its weight gradient alone,
+    oneDNN's and as a convolution over the batch, each the median of ``args.rounds`` blocks."""
+    inputs: dict[tuple, tuple[Conv2d, torch.Tensor]] = {}
+
+    def keep(m: nn.Module, args_: tuple) -> None:
+        shape = (m.in_channels, m.out_channels, *args_[0].shape[2:])
+        inputs.setdefault(shape, (m, args_[0].detach()))
+
+    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.stride == (1, 1)]
+    hooks = [m.register_forward_pre_hook(keep) for m in convs]
+    with torch.no_grad(), autocast(device, amp):
+        model(x)
+    for h in hooks:
+        h.remove()
+    print("\n| 3x3 conv (in, out, map) | oneDNN's weight gradient | over the batch | x |")
+    print("|---|---:|---:|---:|")
+    for shape, (m, inp) in inputs.items():
+        per = {}
+        for small_map in (0, 10**9):
+            conv = copy.deepcopy(m).to(memory_format=torch.channels_last)
+            conv.small_map = small_map
+
+            with autocast(device, amp):
+                out = conv(inp)
+
+            def grad(out: torch.Tensor = out, conv: Conv2d = conv) -> None:
+                torch.autograd.grad(out, conv.weight, torch.ones_like(out), retain_graph=True)
+
+            grad()
+            per[small_map] = statistics.median(
+                timed(grad, args.steps, device) for _ in range(args.rounds)
+            )
+        ms = {k: 1000 * v for k, v in per.items()}
+        name = f"{shape[0]}, {shape[1]}, {shape[2]}x{shape[3]}"
+        print(f"| {name} | {ms[0]:.1f} ms | {ms[10**9]:.1f} ms | {ms[10**9] / ms[0]:.2f} |")
 
 
 if __name__ == "__main__":

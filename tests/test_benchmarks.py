@@ -101,14 +101,23 @@ def test_step_and_epoch_end_benchmarks_tiny():
     step = ["--img-size", "32", "--batch-size", "4", "--steps", "1", "--rounds", "1"]
     epoch_end = ["--epochs", "2", "--train", "10", "--test", "20", "--img-size", "32"]
     for script, argv, rows in (
-        ("step.py", [*step, "--no-compile"], 4),
+        ("step.py", [*step, "--no-compile"], 5),
         ("epoch_end.py", [*epoch_end, "--eval-every", "2"], 4),
     ):
         stdout = run_benchmark(script, argv)
-        table = [line for line in stdout.splitlines() if line.startswith("| ")][1:]
+        tables = stdout.split("\n\n")
+        table = [line for line in tables[1].splitlines() if line.startswith("| ")][1:]
         assert len(table) == rows, stdout
         ratios = [float(line.split("|")[-2 if script == "epoch_end.py" else 3]) for line in table]
         assert ratios[0] == 1.0 and all(r > 0 for r in ratios)
+        if script == "step.py":
+            last = tables[-1]
+    # step.py's last table: ResNet-18's four stages at 32 px, each stage's stride-1 3x3 convs
+    # on maps of 8x8 down to 1x1, the weight gradient timed both ways.
+    convs = [line.split("|") for line in last.splitlines()[2:]]
+    assert [c[1].strip() for c in convs] == ["64, 64, 8x8", "128, 128, 4x4", "256, 256, 2x2",
+                                             "512, 512, 1x1"]  # fmt: skip
+    assert all(float(c[4]) > 0 for c in convs)
 
 
 def test_candidates_benchmark_sets_each_candidate_beside_timm_on_validation(tmp_path, scenes):

@@ -14,11 +14,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from rsscene.models.conv import Conv2d
+
 VARIANTS = ("v1.5", "v1")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
+    return Conv2d(in_planes, out_planes, 3, stride=stride, padding=1, bias=False)
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
