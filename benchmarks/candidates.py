@@ -36,8 +36,8 @@ from rsscene.data.prepare import prepare
 
 
 def on_default(change: str, **values: object) -> tuple[str, dict]:
-    """A candidate that is the CPU default (96 rising to 128 px over 25 epochs) but for one
-    change, named by ``change``."""
+    """A candidate that is the CPU default of issue 27's first rounds (96 rising to 128 px
+    over 25 epochs) but for one change, named by ``change``."""
     label = f"96 px rising to 128 px from 50% to 85% of 25 epochs, {change}"
     return label, {"start_size": 96, "epochs": 25, **values}
 
@@ -70,8 +70,12 @@ CANDIDATES = {
         "96 px rising to 128 px from 50% to 85% of 27 epochs",
         {"start_size": 96, "epochs": 27},
     ),
+    "prog-96-128-28": (
+        "96 px rising to 128 px from 50% to 85% of 28 epochs (the CPU default)",
+        {"start_size": 96, "epochs": 28},
+    ),
     "prog-96-128-25": (
-        "96 px rising to 128 px from 50% to 85% of 25 epochs (the CPU default)",
+        "96 px rising to 128 px from 50% to 85% of 25 epochs (the CPU default before)",
         {"start_size": 96, "epochs": 25},
     ),
     "prog-96-128-25-early": (
@@ -200,7 +204,12 @@ def choose(table: dict[str, dict[str, dict]], budget: float) -> tuple[str | None
             "max_ratio": max(ratios.values()),
         }
     fits = [n for n, s in scores.items() if s["max_ratio"] <= budget]
-    best = max(fits, key=lambda n: scores[n]["worst_margin"], default=None)
+
+    def rank(name: str) -> tuple[float, float]:
+        # Worst cases equal to a tenth of a point (a seed moves them more) go to the better mean.
+        return round(scores[name]["worst_margin"], 1), scores[name]["mean_margin"]
+
+    best = max(fits, key=rank, default=None)
     return best, scores
 
 

@@ -170,6 +170,13 @@ def test_the_choice_is_the_best_worst_case_within_the_time_budget() -> None:
     assert scores["128px-55"]["max_ratio"] == 0.9
     assert choose(table, budget=1.0)[0] == "128px-55"
     assert choose(table, budget=0.3)[0] is None
+    # An equal worst case (to a tenth of a point) goes to the better mean, in either order.
+    for order in (["prog-96-128-27", "prog-96-128-28"], ["prog-96-128-28", "prog-96-128-27"]):
+        tie = {"timm": table["timm"]}
+        rows = {"prog-96-128-27": row(95, 45), "prog-96-128-28": row(97, 48)}
+        for name in order:
+            tie[name] = {"a": rows[name], "b": row(82.04 if name.endswith("27") else 82, 45)}
+        assert choose(tie, budget=0.5)[0] == "prog-96-128-28"
 
 
 def test_peer_ratios_tabulates_the_default_against_timm(tmp_path: Path) -> None:

@@ -155,8 +155,8 @@ def test_test_resolution_follows_the_crop() -> None:
 
 def test_the_cpu_default_rises_from_96_to_128_px_unless_a_resolution_is_given() -> None:
     cpu = resolve(build({}), "cpu")
-    assert (cpu.start_size, cpu.img_size, cpu.eval_size, cpu.epochs) == (96, 128, 128, 25)
-    assert [train_size(cpu, e) for e in range(cpu.epochs)] == [96] * 15 + [112] * 5 + [128] * 5
+    assert (cpu.start_size, cpu.img_size, cpu.eval_size, cpu.epochs) == (96, 128, 128, 28)
+    assert [train_size(cpu, e) for e in range(cpu.epochs)] == [96] * 17 + [112] * 5 + [128] * 6
     # A given resolution is trained at throughout; a given start size rises to the default.
     assert resolve(build({"img_size": 112}), "cpu").start_size is None
     assert resolve(build({"start_size": 64}), "cpu").start_size == 64
