@@ -452,6 +452,7 @@ def test_bands_are_matched_by_name_when_the_files_carry_names(
     images._SAID_BY_POSITION.clear()  # said once per process: earlier tests may have said it
     with caplog.at_level("WARNING", logger="rsscene"):
         c = predictor.probabilities([predictor.load(unnamed), predictor.load(unnamed)])
-    assert torch.equal(c[0], a[0])
+    # Read as the named file was; a batch of two may round apart from a batch of one.
+    torch.testing.assert_close(c[0], a[0])
     said = [r.getMessage() for r in caplog.records if "carries no band names" in r.getMessage()]
     assert len(said) == 1 and "read by position as B01,B02" in said[0]
