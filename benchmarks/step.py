@@ -1,6 +1,6 @@
 """The training step's own ceiling: images/s of one step on tensors already in memory (no
-data pipeline), for each optimizer implementation, with oneDNN's own weight gradient for the
-3x3 convs on small maps (``rsscene.models.conv``) and with ``torch.compile``, side by side.
+data pipeline), for each optimizer implementation, with oneDNN's own weight gradient for
+every conv (not ``rsscene.models.conv``'s products) and with ``torch.compile``, side by side.
 
     python benchmarks/step.py                      # ResNet-18, 128 px, batch 64, bf16 if fast
     python benchmarks/step.py --img-size 224 --rounds 5
@@ -10,8 +10,8 @@ take turns, one timed block each per round, so that a noisy neighbour slows all 
 alike. ``torch.compile``'s compile time is measured apart (its first steps) and turned into
 the number of steps after which it has paid for itself. Inference (``predict``'s batch of
 twice the training batch, no gradients) is timed eager and compiled the same way. Then, per
-3x3 conv shape of the model at this size, the weight gradient alone: oneDNN's against the
-convolution over the batch that ``rsscene.models.conv.Conv2d`` takes on small maps.
+conv shape of the model at this size that ``rsscene.models.conv.Conv2d`` has a product for,
+the weight gradient alone: oneDNN's against that product, on every map size.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from rsscene.config import OPTIMIZER_DEFAULTS
 from rsscene.device import amp_dtype, autocast, select_device, synchronize
 from rsscene.engine.recipe import param_groups
 from rsscene.models import create_model
-from rsscene.models.conv import Conv2d
+from rsscene.models.conv import WEIGHT_GRADS, Conv2d
 
 # The AdamW implementations torch offers: a Python loop over the parameters (its default on
 # a CPU), one multi-tensor ("foreach") kernel per operation, and one fused kernel in all.
@@ -40,9 +40,9 @@ OPTIMIZERS = {
     "AdamW, foreach": {"foreach": True},
     "AdamW, fused": {"fused": True},
 }
-ONEDNN_GRADS = "AdamW, fused, oneDNN's weight gradients on small maps too"
-# Conv2d.small_map settings: oneDNN's weight gradient on every map, the batch's on every map.
-ONEDNN, OVER_BATCH = 0, 10**9
+ONEDNN_GRADS = "AdamW, fused, oneDNN's weight gradients everywhere"
+# Conv2d.small_map settings: oneDNN's weight gradient on every map, the product on every map.
+ONEDNN, EVERY_MAP = 0, 10**9
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,25 +172,29 @@ def main(argv: list[str] | None = None) -> int:
 def weight_grads(
     model: nn.Module, x: torch.Tensor, amp: torch.dtype | None, device: torch.device, args
 ) -> None:
-    """Per stride-1 3x3 conv shape the model meets on ``x``: its weight gradient alone,
-    oneDNN's and as a convolution over the batch, each the median of ``args.rounds`` blocks."""
+    """Per conv shape the model meets on ``x`` that ``Conv2d`` has a product for: its weight
+    gradient alone, oneDNN's and that product's, each the median of ``args.rounds`` blocks."""
     inputs: dict[tuple, tuple[Conv2d, torch.Tensor]] = {}
 
     def keep(m: nn.Module, args_: tuple) -> None:
-        shape = (m.in_channels, m.out_channels, *args_[0].shape[2:])
+        shape = (m.kernel_size[0], m.stride[0], m.in_channels, m.out_channels, *args_[0].shape[2:])
         inputs.setdefault(shape, (m, args_[0].detach()))
 
-    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.stride == (1, 1)]
+    convs = [
+        m
+        for m in model.modules()
+        if isinstance(m, Conv2d) and (m.kernel_size[0], m.stride[0], m.padding[0]) in WEIGHT_GRADS
+    ]
     hooks = [m.register_forward_pre_hook(keep) for m in convs]
     with torch.no_grad(), autocast(device, amp):
         model(x)
     for h in hooks:
         h.remove()
-    print("\n| 3x3 conv (in, out, map) | oneDNN's weight gradient | over the batch | x |")
+    print("\n| conv (kernel/stride, in, out, input map) | oneDNN's weight gradient | product | x |")
     print("|---|---:|---:|---:|")
     for shape, (m, inp) in inputs.items():
         per = {}
-        for small_map in (ONEDNN, OVER_BATCH):
+        for small_map in (ONEDNN, EVERY_MAP):
             conv = copy.deepcopy(m).to(memory_format=torch.channels_last)
             conv.small_map = small_map
 
@@ -205,8 +209,9 @@ def weight_grads(
                 timed(grad, args.steps, device) for _ in range(args.rounds)
             )
         ms = {k: 1000 * v for k, v in per.items()}
-        name = f"{shape[0]}, {shape[1]}, {shape[2]}x{shape[3]}"
-        ours, theirs = ms[OVER_BATCH], ms[ONEDNN]
+        k, s, cin, cout, h, w = shape
+        ours, theirs = ms[EVERY_MAP], ms[ONEDNN]
+        name = f"{k}x{k}/{s}, {cin}, {cout}, {h}x{w}"
         print(f"| {name} | {theirs:.1f} ms | {ours:.1f} ms | {ours / theirs:.2f} |")
 
 

@@ -113,10 +113,15 @@ def test_step_and_epoch_end_benchmarks_tiny():
         if script == "step.py":
             last = tables[-1]
     # step.py's last table: ResNet-18's four stages at 32 px, each stage's stride-1 3x3 convs
-    # on maps of 8x8 down to 1x1, the weight gradient timed both ways.
+    # on maps of 8x8 down to 1x1 and the next stage's shortcut and stride-2 3x3 conv, the
+    # weight gradient timed both ways.
     convs = [line.split("|") for line in last.splitlines()[2:]]
-    assert [c[1].strip() for c in convs] == ["64, 64, 8x8", "128, 128, 4x4", "256, 256, 2x2",
-                                             "512, 512, 1x1"]  # fmt: skip
+    assert [c[1].strip() for c in convs] == [
+        "3x3/1, 64, 64, 8x8", "1x1/2, 64, 128, 8x8", "3x3/2, 64, 128, 8x8",
+        "3x3/1, 128, 128, 4x4", "1x1/2, 128, 256, 4x4", "3x3/2, 128, 256, 4x4",
+        "3x3/1, 256, 256, 2x2", "1x1/2, 256, 512, 2x2", "3x3/2, 256, 512, 2x2",
+        "3x3/1, 512, 512, 1x1",
+    ]  # fmt: skip
     assert all(float(c[4]) > 0 for c in convs)
 
 

@@ -1,5 +1,5 @@
-"""The 3x3 convolution whose weight gradient on small CPU maps is a convolution over the batch:
-the same results as ``nn.Conv2d``, taken exactly where it pays."""
+"""The convolution whose weight gradient on the CPU is one forward-speed product where oneDNN's
+is slow: the same results as ``nn.Conv2d``, taken exactly where it pays."""
 
 from __future__ import annotations
 
@@ -8,14 +8,17 @@ import torch
 from torch import nn
 
 from rsscene.models import create_model
-from rsscene.models.conv import SMALL_MAP, Conv2d
+from rsscene.models.conv import WEIGHT_GRADS, Conv2d
 
-FAST = "_BatchConvGradBackward"
+FAST = "_ConvWeightGradBackward"
 
 
-def pair(cin: int, cout: int, stride: int = 1, dtype=torch.float64) -> tuple[Conv2d, nn.Conv2d]:
-    ours = Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).to(dtype)
-    reference = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False).to(dtype)
+def pair(
+    cin: int, cout: int, stride: int = 1, dtype=torch.float64, kernel: int = 3
+) -> tuple[Conv2d, nn.Conv2d]:
+    options = {"stride": stride, "padding": kernel // 2, "bias": False}
+    ours = Conv2d(cin, cout, kernel, **options).to(dtype)
+    reference = nn.Conv2d(cin, cout, kernel, **options).to(dtype)
     reference.load_state_dict(ours.state_dict())
     return ours, reference
 
@@ -28,18 +31,24 @@ def grads(conv: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tens
 
 
 @pytest.mark.parametrize(
-    ("cin", "cout", "hw", "stride", "fast"),
+    ("kernel", "stride", "cin", "cout", "hw", "fast"),
     [
-        (8, 16, (3, 3), 1, True),
-        (5, 7, (4, 5), 1, True),  # not square
-        (3, 4, (6, 6), 1, True),  # SMALL_MAP's edge
-        (8, 16, (6, 7), 1, False),  # above it
-        (8, 16, (6, 6), 2, False),  # strided: oneDNN's own
+        (3, 1, 8, 16, (3, 3), True),
+        (3, 1, 5, 7, (4, 5), True),  # not square
+        (3, 1, 3, 4, (6, 6), True),  # the edge: a 36-pixel output
+        (3, 1, 8, 16, (6, 7), False),  # above it
+        (3, 2, 8, 16, (6, 6), True),  # 3x3 output
+        (3, 2, 5, 7, (7, 5), True),  # odd sides: 4x3
+        (3, 2, 8, 16, (8, 8), True),  # the edge: a 16-pixel output
+        (3, 2, 8, 16, (9, 9), False),  # 5x5, above it
+        (1, 2, 8, 16, (24, 24), True),  # a shortcut, on any map
+        (1, 2, 5, 7, (7, 6), True),
+        (1, 1, 8, 16, (6, 6), False),  # stride 1: oneDNN's own
     ],
 )
-def test_gradients_equal_torchs(cin, cout, hw, stride, fast):
+def test_gradients_equal_torchs(kernel, stride, cin, cout, hw, fast):
     torch.manual_seed(0)
-    ours, reference = pair(cin, cout, stride)
+    ours, reference = pair(cin, cout, stride, kernel=kernel)
     x = torch.randn(5, cin, *hw, dtype=torch.float64)
     out = ours(x.requires_grad_())
     assert (type(out.grad_fn).__name__ == FAST) is fast
@@ -48,12 +57,13 @@ def test_gradients_equal_torchs(cin, cout, hw, stride, fast):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-def test_bfloat16_autocast_matches_torchs_and_keeps_the_weights_layout():
+@pytest.mark.parametrize(("kernel", "stride", "hw"), [(3, 1, 4), (3, 2, 7), (1, 2, 8)])
+def test_bfloat16_autocast_matches_torchs_and_keeps_the_weights_layout(kernel, stride, hw):
     torch.manual_seed(0)
-    ours, reference = pair(32, 32, dtype=torch.float32)
+    ours, reference = pair(32, 32, stride, torch.float32, kernel)
     for conv in (ours, reference):
         conv.to(memory_format=torch.channels_last)
-    x = torch.randn(16, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(16, 32, hw, hw).contiguous(memory_format=torch.channels_last)
     results = []
     for conv in (ours, reference):
         xi = x.clone().requires_grad_()
@@ -83,11 +93,12 @@ def test_it_is_taken_only_where_it_pays_and_can_be_turned_off():
     assert conv(x.requires_grad_()).grad_fn is not None
     assert type(conv(x).grad_fn).__name__ != FAST
     conv.weight.requires_grad_(True)
+    assert type(conv(x[0]).grad_fn).__name__ != FAST  # an unbatched image: torch's own
     conv.small_map = 0
     assert type(conv(x).grad_fn).__name__ != FAST
 
 
-def test_resnet18_takes_it_on_its_last_stage_at_96_px():
+def test_resnet18_takes_it_on_its_last_stages_and_shortcuts_at_96_px():
     model = create_model("resnet18", num_classes=3)
     seen = {}
 
@@ -102,9 +113,13 @@ def test_resnet18_takes_it_on_its_last_stage_at_96_px():
             m.register_forward_hook(hook(name))
     model(torch.randn(2, 3, 96, 96)).sum().backward()
     fast = {n for n, fn in seen.items() if fn == FAST}
-    # 3x3 maps in layer4, 6x6 in layer3 (36 pixels, SMALL_MAP): the stride-1 convs there.
-    assert SMALL_MAP == 36
+    # Outputs of 3x3 pixels in layer4, 6x6 in layer3: the 3x3 stride-1 convs there (up to 36
+    # pixels), layer4's stride-2 one (up to 16), and every stage's 1x1 stride-2 shortcut.
+    assert {k: largest for k, (_, largest) in WEIGHT_GRADS.items()} == {
+        (3, 1, 1): 36, (3, 2, 1): 16, (1, 2, 0): 1 << 30,
+    }  # fmt: skip
     assert fast == {
         "layer3.0.conv2", "layer3.1.conv1", "layer3.1.conv2",
-        "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2",
+        "layer4.0.conv1", "layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2",
+        "layer2.0.downsample.0", "layer3.0.downsample.0", "layer4.0.downsample.0",
     }  # fmt: skip

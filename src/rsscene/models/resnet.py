@@ -24,7 +24,7 @@ def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
 
 
 def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+    return Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
