@@ -31,7 +31,7 @@ from rsscene.config import OPTIMIZER_DEFAULTS
 from rsscene.device import amp_dtype, autocast, select_device, synchronize
 from rsscene.engine.recipe import param_groups
 from rsscene.models import create_model
-from rsscene.models.conv import WEIGHT_GRADS, Conv2d
+from rsscene.models.conv import Conv2d
 
 # The AdamW implementations torch offers: a Python loop over the parameters (its default on
 # a CPU), one multi-tensor ("foreach") kernel per operation, and one fused kernel in all.
@@ -180,11 +180,7 @@ def weight_grads(
         shape = (m.kernel_size[0], m.stride[0], m.in_channels, m.out_channels, *args_[0].shape[2:])
         inputs.setdefault(shape, (m, args_[0].detach()))
 
-    convs = [
-        m
-        for m in model.modules()
-        if isinstance(m, Conv2d) and (m.kernel_size[0], m.stride[0], m.padding[0]) in WEIGHT_GRADS
-    ]
+    convs = [m for m in model.modules() if isinstance(m, Conv2d) and m.product_key]
     hooks = [m.register_forward_pre_hook(keep) for m in convs]
     with torch.no_grad(), autocast(device, amp):
         model(x)

@@ -96,9 +96,19 @@ class Conv2d(nn.Conv2d):
     # weight gradient everywhere).
     small_map: int | None = None
 
-    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    @property
+    def product_key(self) -> tuple[int, int, int] | None:
+        """(kernel, stride, padding) where ``WEIGHT_GRADS`` holds a product for this conv's
+        shape (square, no bias, groups, dilation or padding mode), else None."""
         key = (self.kernel_size[0], self.stride[0], self.padding[0])
-        if not self._takes_product(key, x, weight, bias):
+        if (self.kernel_size, self.stride, self.padding) != tuple((v, v) for v in key):
+            return None
+        plain = self.bias is None and self.groups == 1 and self.padding_mode == "zeros"
+        return key if key in WEIGHT_GRADS and plain and self.dilation == (1, 1) else None
+
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        key = self.product_key
+        if key is None or not self._takes_product(key, x, weight):
             return super()._conv_forward(x, weight, bias)
         if torch.is_autocast_enabled("cpu"):
             # Autocast does not reach into an autograd.Function: cast as it would for conv2d.
@@ -106,16 +116,10 @@ class Conv2d(nn.Conv2d):
             x, weight = x.to(dtype), weight.to(dtype)
         return _ConvWeightGrad.apply(x, weight, *key)
 
-    def _takes_product(
-        self, key: tuple[int, int, int], x: Tensor, weight: Tensor, bias: Tensor | None
-    ) -> bool:
+    def _takes_product(self, key: tuple[int, int, int], x: Tensor, weight: Tensor) -> bool:
         if not (self.training and torch.is_grad_enabled() and weight.requires_grad):
             return False
         if x.device.type != "cpu" or torch.jit.is_tracing():  # a trace would hold a Python op
-            return False
-        square = len(set(self.kernel_size)) == len(set(self.stride)) == len(set(self.padding)) == 1
-        plain = bias is None and self.groups == 1 and self.padding_mode == "zeros"
-        if not (key in WEIGHT_GRADS and square and plain and self.dilation == (1, 1)):
             return False
         if x.dim() != 4:
             return False
