@@ -51,14 +51,17 @@ def _pointwise(x: Tensor, grad: Tensor, stride: int) -> Tensor:
 
 
 # (kernel, stride, padding) -> the weight gradient's product, and the largest output map in
-# pixels it is taken for (benchmarks/step.py, bf16, batch 64: 3x3 stride 1 gains 6x on 3x3
-# outputs, 1.5x on 6x6, loses on 8x8; 3x3 stride 2 gains 3x on 3x3 outputs, 1.9x on 4x4,
-# loses on 6x6; 1x1 stride 2 gains 1.5-4.5x on every map of the ResNets at 96-128 px).
+# pixels it is taken for: where it measured faster on both machines it was timed on
+# (benchmarks/step.py, bf16, batch 64, 2 cores with AVX-512 BF16; oneDNN's speed differs
+# between them). 3x3 stride 1 gains 2-6x on 3x3 outputs, up to 1.5x on 6x6, loses on 8x8;
+# 3x3 stride 2 gains 2.4-3.3x on 3x3 outputs, 1.9x on 4x4, loses on 6x6 on one machine; 1x1
+# stride 2 gains 1.35-4.5x on 3x3 and 4x4 outputs, and on larger ones gains on one machine
+# and loses up to 2.3x on the other.
 WeightGrad = Callable[[Tensor, Tensor], Tensor]
 WEIGHT_GRADS: dict[tuple[int, int, int], tuple[WeightGrad, int]] = {
     (3, 1, 1): (_flipped, 36),
     (3, 2, 1): (_dilated, 16),
-    (1, 2, 0): (partial(_pointwise, stride=2), 1 << 30),
+    (1, 2, 0): (partial(_pointwise, stride=2), 16),
 }
 
 
