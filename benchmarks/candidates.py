@@ -74,6 +74,10 @@ CANDIDATES = {
         "96 px rising to 128 px from 50% to 85% of 28 epochs (the CPU default)",
         {"start_size": 96, "epochs": 28},
     ),
+    "prog-96-128-32": (
+        "96 px rising to 128 px from 50% to 85% of 32 epochs",
+        {"start_size": 96, "epochs": 32},
+    ),
     "prog-96-128-25": (
         "96 px rising to 128 px from 50% to 85% of 25 epochs (the CPU default before)",
         {"start_size": 96, "epochs": 25},
