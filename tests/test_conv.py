@@ -100,7 +100,7 @@ def test_it_is_taken_only_where_it_pays_and_can_be_turned_off():
     assert type(conv(x).grad_fn).__name__ != FAST
 
 
-def test_resnet18_takes_it_on_its_last_stages_and_shortcuts_at_96_px():
+def test_resnet18_takes_it_on_its_last_stages_and_layer4s_shortcut_at_96_px():
     model = create_model("resnet18", num_classes=3)
     seen = {}
 
