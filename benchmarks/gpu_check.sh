@@ -9,7 +9,8 @@
 # 4. one epoch with --cache disk (batches copied up from a memory map through pinned memory);
 # 5. a sync audit: host-device synchronisations per line of rsscene during training steps;
 # 6. timm's recipe, the tutorial's and the default on AID-5 and SIRI-WHU-12 (peer.py);
-# 7. rsscene map over one 8,000 px scene, where rasterio is installed.
+# 7. rsscene's step eager and as CUDA graphs (--compile reduce-overhead), at two batches;
+# 8. rsscene map over one 8,000 px scene, where rasterio is installed.
 # Each part gets a time limit from what is left of the 8 minutes; a part that would start
 # with too little time is skipped and says so.
 set -uo pipefail
@@ -127,6 +128,19 @@ print(f"{sum(calls.values())} synchronising calls in 24 training steps, then eva
 for where, n in calls.most_common():
     print(f"{n:5d}  {where}")
 EOF
+
+# CUDA graphs (torch.compile's reduce-overhead) against the eager step: at the GPU default's
+# batch of 64 and 192 px, where the step is launch-bound, and at throughput's 224 px, batch 256.
+for SHAPE in "192 64" "224 256"; do
+    read -r SIZE BATCH <<<"$SHAPE"
+    for MODE in off reduce-overhead; do
+        FLAGS=()
+        [[ $MODE != off ]] && FLAGS=(--compile "$MODE")
+        run 120 "throughput (c): ResNet-18, $SIZE px, batch $BATCH, compile $MODE" \
+            python benchmarks/throughput.py --data "$DATA" --device cuda --img-size "$SIZE" \
+            --batch-size "$BATCH" --steps 30 --warmup 5 --loops c "${FLAGS[@]}"
+    done
+done
 
 # rsscene map on the GPU: tiles/s over one large scene, beside a per-tile loop (the geo extra:
 # rasterio writes and reads the GeoTIFF).

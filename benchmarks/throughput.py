@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from rsscene.config import TUTORIAL, TrainConfig
+from rsscene.config import COMPILE_MODES, TUTORIAL, TrainConfig
 from rsscene.data.datasets import BatchLoader, TrainData, list_images
 from rsscene.data.synthetic import CLASSES, generate
 from rsscene.data.transforms import MEAN, STD
@@ -79,6 +79,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " shared CPU cannot inflate (with --threads 1 --workers 0, or workers' time is missed)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads per loop (default torch's)")
+    p.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        metavar="MODE",
+        help="(c) trains a torch.compile'd model in this mode (reduce-overhead: CUDA graphs on a"
+        " GPU); compiling falls in the --warmup steps",
+    )
     p.add_argument("--loops", default="abc", help="which loops to run (default abc)")
     p.add_argument("--scenes", type=int, help="generated scenes (default: enough for the steps)")
     p.add_argument("--scene-size", type=int, default=256, help="generated scenes' size (px)")
@@ -232,6 +239,8 @@ def rsscene_loop(args: argparse.Namespace, device: torch.device, work: Path) -> 
         eval_size=args.img_size,  # inference at the same resolution as the other loops
         device=str(device),
         workers=args.workers,
+        compile=args.compile is not None,
+        compile_mode=args.compile or "default",
         out=str(work / "run"),
     )
     start = time.perf_counter()
@@ -404,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "device": f"{device} ({device_name(device)}, {len(os.sched_getaffinity(0))} CPUs)",
         "threads": args.threads or torch.get_num_threads(),
+        "compile (c)": args.compile or "off",
         "clock": args.clock,
         "steps": args.steps,
         "warmup": args.warmup,

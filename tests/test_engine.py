@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
 
 from conftest import tiny_config
 from rsscene.cli import RUN_FLAGS, build_parser, main
@@ -352,3 +353,43 @@ def test_no_function_is_over_60_lines_but_the_scene_drawers() -> None:
                 if length > 60:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} {length}")
     assert not long, long
+
+
+def test_compile_mode_is_one_of_torch_compiles(capsys) -> None:
+    from rsscene.config import build
+    from rsscene.errors import UserError
+
+    assert build({"data": "d", "compile": True, "compile_mode": "reduce-overhead"}).compile
+    with pytest.raises(UserError, match="--compile-mode 'fast' is not one of default, reduce"):
+        build({"data": "d", "compile_mode": "fast"})
+    with pytest.raises(SystemExit):
+        main(["train", "d", "--compile", "--compile-mode", "fast"])
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cuda_graph_mode_compiles_on_a_cpu_and_steps_as_the_eager_model(
+    split: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """reduce-overhead's CUDA graphs are a GPU's: on a CPU the model compiles without them,
+    and its steps give the eager steps' losses and weights."""
+    modes, compile_model = [], torch.compile
+    monkeypatch.setattr(
+        torch, "compile", lambda m, **kw: modes.append(kw) or compile_model(m, **kw)
+    )
+
+    def two_steps(name: str, **settings: object) -> tuple[Trainer, dict[str, float], Tensor]:
+        cfg = tiny_config(split, tmp_path / name, deterministic=False, **settings)
+        trainer = Trainer.from_config(cfg, log=lambda *_: None)
+        start = trainer.net.fc.weight.detach().clone()
+        return trainer, trainer.train_epoch(0, trainer.epoch_batches(0)[:2]), start
+
+    eager, eager_sums, start = two_steps("eager")
+    compiled, sums, same_start = two_steps("compiled", compile=True, compile_mode="reduce-overhead")
+    assert modes == [{"mode": "reduce-overhead"}] and hasattr(compiled.forward, "_orig_mod")
+    assert torch.equal(start, same_start) and sums["seen"] == eager_sums["seen"] == 16
+    assert sums["loss_sum"] == pytest.approx(eager_sums["loss_sum"], rel=1e-5)
+    weights, eager_weights = compiled.net.fc.weight.detach(), eager.net.fc.weight.detach()
+    # Two warm-up steps move the weights by about 2e-4; the two paths differ by about 1e-8.
+    assert (eager_weights - start).abs().max() > 1e-4
+    assert torch.allclose(weights, eager_weights, rtol=0, atol=1e-6)

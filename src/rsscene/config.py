@@ -35,6 +35,9 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 AUGMENTS = ("dihedral", "hflip", "none")
 LOGGERS = ("csv", "tensorboard", "mlflow")
 SAMPLERS = ("uniform", "balanced")
+# torch.compile's modes; reduce-overhead and max-autotune replay the forward and backward
+# passes as CUDA graphs on a GPU (a launch each instead of hundreds), which a CPU lacks.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 # Peak learning rate and weight decay for a batch of 64, per optimizer. SGD's lr scales
 # linearly with the batch (Goyal et al. 2017), Adam's with its square root (Malladi et al. 2022).
@@ -173,6 +176,11 @@ class TrainConfig:
     amp: str = setting("auto", "mixed precision", choices=AMP_MODES)
     channels_last: bool = setting(True, "channels_last memory format")
     compile: bool = setting(False, "torch.compile the model")
+    compile_mode: str = setting(
+        "default",
+        "torch.compile's mode with --compile (reduce-overhead, max-autotune: CUDA graphs on a GPU)",
+        choices=COMPILE_MODES,
+    )
     deterministic: bool = setting(False, "deterministic algorithms (slower)")
     max_grad_norm: float | None = setting(help="clip gradients to this norm")
     weights: str | None = setting(
@@ -362,6 +370,7 @@ def validate(cfg: TrainConfig) -> None:
     _choice("schedule", cfg.schedule, SCHEDULES)
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("amp", cfg.amp, AMP_MODES)
+    _choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
     _choice("cache", cfg.cache, CACHE_MODES)
     _choice("log", cfg.log, LOGGERS)
     _choice("sampler", cfg.sampler, SAMPLERS)

@@ -101,7 +101,7 @@ def place_model(
 
         ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
     forward = distributed.wrap(net, dist, device)
-    return net, ema, torch.compile(forward) if cfg.compile else forward
+    return net, ema, torch.compile(forward, mode=cfg.compile_mode) if cfg.compile else forward
 
 
 def param_groups(model: nn.Module, weight_decay: float, wd_norm_bias: bool) -> list[dict]:
