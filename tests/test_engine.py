@@ -362,6 +362,9 @@ def test_compile_mode_is_one_of_torch_compiles(capsys) -> None:
     assert build({"data": "d", "compile": True, "compile_mode": "reduce-overhead"}).compile
     with pytest.raises(UserError, match="--compile-mode 'fast' is not one of default, reduce"):
         build({"data": "d", "compile_mode": "fast"})
+    # A mode alone would train uncompiled without a word.
+    with pytest.raises(UserError, match="--compile-mode max-autotune needs --compile"):
+        build({"data": "d", "compile_mode": "max-autotune"})
     with pytest.raises(SystemExit):
         main(["train", "d", "--compile", "--compile-mode", "fast"])
     assert "invalid choice: 'fast'" in capsys.readouterr().err

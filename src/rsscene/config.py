@@ -371,6 +371,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("augment", cfg.augment, AUGMENTS)
     _choice("amp", cfg.amp, AMP_MODES)
     _choice("compile_mode", cfg.compile_mode, COMPILE_MODES)
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise UserError(f"--compile-mode {cfg.compile_mode} needs --compile")
     _choice("cache", cfg.cache, CACHE_MODES)
     _choice("log", cfg.log, LOGGERS)
     _choice("sampler", cfg.sampler, SAMPLERS)
