@@ -250,8 +250,8 @@ class Trainer:
     # ----------------------------------------------------------------------- an epoch
     def step(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """One optimisation step on ``batch``; returns its (loss, logits), detached. Under
-        CUDA graphs (``--compile-mode reduce-overhead``) the next step's replay overwrites
-        these logits: read them first."""
+        CUDA graphs (``--compile-mode`` reduce-overhead or max-autotune on a GPU) the next
+        step's replay overwrites these logits: read them first."""
         cfg = self.cfg
         x = self.augment(batch.images, g)
         target = recipe.mix_batch(x, batch.labels, len(self.classes), cfg.mixup, cfg.cutmix, g)
