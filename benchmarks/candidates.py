@@ -1,8 +1,8 @@
 """Choose a recipe for the worst case over several datasets' validation splits, against timm's.
 
     python benchmarks/candidates.py --data ../shared/data/aid5 ../shared/data/siri12 \\
-        ../shared/data/aid20 --candidates 96px-27 96px-27-test128 112px-22 --seeds 3 \\
-        --workdir select-runs
+        ../shared/data/aid20 ../shared/data/nwpu45-2 --candidates 96px-27 112px-22 \\
+        --seeds 3 --workdir select-runs
 
 Each DATA, a raw one-folder-per-class dataset, is split once here (``rsscene prepare
 --test-ratio 0.1 --val-ratio 0.1 --seed 0``). timm's training recipe (``benchmarks/peer.py``'s,
